@@ -1,0 +1,379 @@
+"""Reading and writing 3D volumes.
+
+Canonical form (what every voxseq function downstream of IO assumes):
+
+* ``Volume.array`` has axis order ``(Z, Y, X)`` for one channel or ``(C, Z, Y, X)`` for several,
+  the order of ``SimpleITK.GetArrayFromImage`` and of torch's ``(C, D, H, W)``.
+* The voxel grid is reoriented to **LPS** (DICOM/ITK patient convention): increasing X goes to the
+  patient's Left, increasing Y to Posterior, increasing Z to Superior. Reorientation only permutes
+  and flips axes (``SimpleITK.DICOMOrient``), so it is exact and invertible; ``Volume.to_source``
+  maps an array in the canonical grid back onto the file's own grid.
+* ``spacing``, ``origin`` are in millimetres in ITK's (x, y, z) order; ``direction`` is the 3x3
+  direction matrix, row-major, as ITK stores it.
+
+4-D files (for example the Decathlon's multi-contrast brain NIfTI, x*y*z*4) are read as channels:
+``array`` becomes ``(C, Z, Y, X)``. Files with more than ``MAX_CHANNELS`` volumes along the fourth
+axis (time series) are refused, since voxseq models treat channels as co-registered contrasts.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from voxseq import VoxseqError
+
+MAX_CHANNELS = 16
+CANONICAL_ORIENTATION = "LPS"
+ITK_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+NUMPY_SUFFIXES = (".npy", ".npz")
+VOLUME_SUFFIXES = ITK_SUFFIXES + NUMPY_SUFFIXES
+
+
+class VolumeReadError(VoxseqError):
+    """A file that cannot be read as a 3D volume; the message is ``<path>: <cause>``."""
+
+    def __init__(self, path: str | os.PathLike, cause: str):
+        self.path = str(path)
+        self.cause = cause
+        super().__init__(f"{path}: {cause}")
+
+
+@dataclass
+class Volume:
+    """A 3D image (or a stack of co-registered channels) in canonical LPS, (Z, Y, X) form."""
+
+    array: np.ndarray
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    direction: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.array.ndim == 3 else self.array.shape[0]
+
+    @property
+    def shape_zyx(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.array.shape[-3:])  # type: ignore[return-value]
+
+    @property
+    def size_xyz(self) -> tuple[int, int, int]:
+        z, y, x = self.shape_zyx
+        return (x, y, z)
+
+    @property
+    def spacing_zyx(self) -> tuple[float, float, float]:
+        return (self.spacing[2], self.spacing[1], self.spacing[0])
+
+    @property
+    def orientation(self) -> str:
+        return orientation_code(self.direction)
+
+    def to_sitk(self, array: np.ndarray | None = None):
+        """This volume's geometry around ``array`` (default: its own, first channel if several)."""
+        import SimpleITK as sitk
+
+        a = self.array if array is None else array
+        if a.ndim == 4:
+            a = a[0]
+        img = sitk.GetImageFromArray(np.ascontiguousarray(a))
+        img.SetSpacing([float(s) for s in self.spacing])
+        img.SetOrigin([float(o) for o in self.origin])
+        img.SetDirection([float(d) for d in self.direction])
+        return img
+
+    def to_source(self, array: np.ndarray):
+        """Map a (Z, Y, X) array in this volume's canonical grid back onto the file's own grid.
+
+        Returns a SimpleITK image with the source file's size, spacing, origin and direction, for
+        writing predictions that line up with the input.
+        """
+        import SimpleITK as sitk
+
+        img = self.to_sitk(array)
+        src = self.meta.get("source_orientation", self.orientation)
+        if src != self.orientation:
+            img = sitk.DICOMOrient(img, src)
+        return img
+
+
+def orientation_code(direction: Sequence[float]) -> str:
+    """Three-letter ITK/DICOM orientation code (e.g. ``LPS``, ``RAS``) of a direction matrix."""
+    import SimpleITK as sitk
+
+    return sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines([float(d) for d in direction])
+
+
+def _path_suffix(path: Path) -> str:
+    name = path.name.lower()
+    for suffix in VOLUME_SUFFIXES:
+        if name.endswith(suffix):
+            return suffix
+    return path.suffix.lower()
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise VolumeReadError(path, "no such file or directory")
+    if path.is_file():
+        if not os.access(path, os.R_OK):
+            raise VolumeReadError(path, "permission denied (file is not readable)")
+        if path.stat().st_size == 0:
+            raise VolumeReadError(path, "file is empty (0 bytes)")
+
+
+def _check_gzip(path: Path) -> None:
+    """Read a gzip stream to its end; a truncated or corrupt one fails here with a clear cause."""
+    try:
+        with gzip.open(path, "rb") as f:
+            while f.read(1 << 22):
+                pass
+    except (OSError, EOFError, zlib.error) as e:
+        raise VolumeReadError(path, f"corrupt or truncated gzip data ({e})") from None
+
+
+def _from_sitk(img, path: Path, fmt: str, extra_meta: dict | None = None) -> Volume:
+    import SimpleITK as sitk
+
+    dim = img.GetDimension()
+    if dim == 2 or (dim == 3 and img.GetSize()[2] == 1):
+        raise VolumeReadError(path, f"is a 2-D image (size {img.GetSize()[:2]}); voxseq needs 3-D volumes")
+    if dim > 4 or dim < 2:
+        raise VolumeReadError(path, f"has {dim} dimensions; voxseq reads 3-D volumes (or 4-D as channels)")
+    if img.GetNumberOfComponentsPerPixel() > 1:
+        raise VolumeReadError(path, "has vector/colour pixels; voxseq reads scalar 3-D volumes")
+    source_orientation = None
+    if dim == 4:
+        n = img.GetSize()[3]
+        if n > MAX_CHANNELS:
+            raise VolumeReadError(
+                path, f"is 4-D with {n} volumes; voxseq reads at most {MAX_CHANNELS} as channels (time series are not supported)"
+            )
+        channels = []
+        for c in range(n):
+            sub = sitk.Extract(img, list(img.GetSize()[:3]) + [0], [0, 0, 0, c])
+            source_orientation = orientation_code(sub.GetDirection())
+            channels.append(sitk.DICOMOrient(sub, CANONICAL_ORIENTATION))
+        ref = channels[0]
+        array = np.stack([sitk.GetArrayFromImage(ch) for ch in channels])
+        src_geom = sub
+    else:
+        source_orientation = orientation_code(img.GetDirection())
+        ref = sitk.DICOMOrient(img, CANONICAL_ORIENTATION)
+        array = sitk.GetArrayFromImage(ref)
+        src_geom = img
+    meta = {
+        "path": str(path),
+        "format": fmt,
+        "source_orientation": source_orientation,
+        "source_size_xyz": list(src_geom.GetSize()),
+        "source_spacing_xyz": list(src_geom.GetSpacing()),
+        "source_origin_xyz": list(src_geom.GetOrigin()),
+        "source_direction": list(src_geom.GetDirection()),
+        "source_dtype": str(array.dtype),
+    }
+    if extra_meta:
+        meta.update(extra_meta)
+    return Volume(array, tuple(ref.GetSpacing()), tuple(ref.GetOrigin()), tuple(ref.GetDirection()), meta)
+
+
+def _read_itk(path: Path, fmt: str) -> Volume:
+    import SimpleITK as sitk
+
+    if path.name.lower().endswith(".gz"):
+        _check_gzip(path)
+    try:
+        img = sitk.ReadImage(str(path))
+    except RuntimeError as e:
+        raise VolumeReadError(path, f"not a readable {fmt} file ({_first_itk_line(e)})") from None
+    return _from_sitk(img, path, fmt)
+
+
+def _first_itk_line(e: Exception) -> str:
+    """ITK exceptions span many lines; keep the one that says what went wrong."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    for ln in lines:
+        if "Description:" in ln:
+            return ln.split("Description:", 1)[1].strip()
+    for ln in reversed(lines):
+        if not ln.startswith(("sitk::ERROR", "Exception thrown")):
+            return ln[:200]
+    return lines[-1][:200] if lines else "unknown error"
+
+
+def list_dicom_series(folder: Path) -> list[tuple[str, list[str]]]:
+    """All DICOM series in ``folder`` as (series UID, slice files sorted by position), largest first."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageSeriesReader()
+    series = []
+    for uid in reader.GetGDCMSeriesIDs(str(folder)):
+        files = reader.GetGDCMSeriesFileNames(str(folder), uid)
+        series.append((uid, list(files)))
+    series.sort(key=lambda s: -len(s[1]))
+    return series
+
+
+def _read_dicom_series(folder: Path, series_uid: str | None = None) -> Volume:
+    import SimpleITK as sitk
+
+    series = list_dicom_series(folder)
+    if not series:
+        raise VolumeReadError(folder, "folder holds no volume file and no DICOM series")
+    if series_uid is not None:
+        chosen = [s for s in series if s[0] == series_uid]
+        if not chosen:
+            raise VolumeReadError(folder, f"no DICOM series with UID {series_uid}")
+        uid, files = chosen[0]
+    else:
+        uid, files = series[0]  # the largest series; others are listed in meta
+    if len(files) < 2:
+        raise VolumeReadError(folder, "DICOM series has a single slice; voxseq needs 3-D volumes")
+    sizes = set()
+    for f in files:
+        r = sitk.ImageFileReader()
+        r.SetFileName(f)
+        try:
+            r.ReadImageInformation()
+        except RuntimeError as e:
+            raise VolumeReadError(f, f"unreadable DICOM slice ({_first_itk_line(e)})") from None
+        sizes.add(tuple(r.GetSize()[:2]))
+    if len(sizes) > 1:
+        raise VolumeReadError(folder, f"DICOM series {uid} mixes slice sizes {sorted(sizes)}")
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)  # sorted by position along the slice normal by GDCM
+    reader.MetaDataDictionaryArrayUpdateOn()
+    reader.LoadPrivateTagsOff()
+    try:
+        img = reader.Execute()  # applies Rescale Slope / Intercept
+    except RuntimeError as e:
+        raise VolumeReadError(folder, f"cannot read DICOM series {uid} ({_first_itk_line(e)})") from None
+    tags = {}
+    for key, name in (("0008|0060", "modality"), ("0020|000e", "series_uid"), ("0008|103e", "series_description")):
+        if reader.HasMetaDataKey(0, key):
+            tags[name] = reader.GetMetaData(0, key).strip()
+    extra = {"dicom": tags, "dicom_files": len(files), "other_series": [(u, len(f)) for u, f in series if u != uid]}
+    return _from_sitk(img, folder, "DICOM", extra)
+
+
+def _read_numpy(path: Path, spacing: Sequence[float] | None) -> Volume:
+    """``.npy`` holds a (Z, Y, X) or (C, Z, Y, X) array; ``.npz`` an ``image`` (or single) array and
+    optionally a ``spacing`` array in (x, y, z) order. Spacing must come from the file or the caller."""
+    try:
+        if path.suffix.lower() == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                keys = list(z.keys())
+                key = "image" if "image" in keys else (keys[0] if len(keys) == 1 else None)
+                if key is None:
+                    raise VolumeReadError(path, f"npz has arrays {keys}; expected one named 'image'")
+                array = z[key]
+                if spacing is None and "spacing" in keys:
+                    spacing = [float(s) for s in z["spacing"]]
+        else:
+            array = np.load(path, allow_pickle=False)
+    except VolumeReadError:
+        raise
+    except Exception as e:  # numpy raises ValueError/OSError/EOFError/BadZipFile on bad files
+        raise VolumeReadError(path, f"not a readable numpy file ({type(e).__name__}: {e})") from None
+    if spacing is None:
+        raise VolumeReadError(path, "numpy volumes need an explicit spacing (x, y, z) in mm (pass spacing=...)")
+    if array.ndim == 2:
+        raise VolumeReadError(path, f"is a 2-D array {array.shape}; voxseq needs 3-D volumes")
+    if array.ndim not in (3, 4):
+        raise VolumeReadError(path, f"has {array.ndim} dimensions; expected (Z, Y, X) or (C, Z, Y, X)")
+    if array.dtype.kind not in "biuf":
+        raise VolumeReadError(path, f"has dtype {array.dtype}; expected a numeric array")
+    meta = {"path": str(path), "format": "numpy", "source_orientation": CANONICAL_ORIENTATION,
+            "source_size_xyz": list(array.shape[-3:][::-1]), "source_spacing_xyz": [float(s) for s in spacing],
+            "source_dtype": str(array.dtype)}
+    return Volume(array, tuple(float(s) for s in spacing), meta=meta)  # type: ignore[arg-type]
+
+
+def _check_finite(volume: Volume, path: Path, nonfinite: str) -> None:
+    a = volume.array
+    if a.dtype.kind != "f":
+        return
+    bad = ~np.isfinite(a)
+    n = int(bad.sum())
+    if n == 0:
+        return
+    if nonfinite == "error":
+        raise VolumeReadError(path, f"contains {n} NaN/Inf voxels (use nonfinite='zero' to replace them)")
+    a = np.array(a, copy=True)
+    a[bad] = 0
+    volume.array = a
+    volume.meta["nonfinite_replaced"] = n
+
+
+def read_volume(path: str | os.PathLike, *, spacing: Sequence[float] | None = None,
+                series_uid: str | None = None, nonfinite: str = "error") -> Volume:
+    """Read a 3D volume in canonical (Z, Y, X), LPS form.
+
+    Formats: ``.nii``/``.nii.gz``, ``.nrrd``/``.nhdr``, ``.mha``/``.mhd``, a folder holding a DICOM
+    series (the largest series when there are several, unless ``series_uid`` names one; slices sorted
+    by position; rescale slope/intercept applied), ``.npy``/``.npz`` (already (Z, Y, X), with
+    ``spacing`` in (x, y, z) mm). ``nonfinite``: ``"error"`` (default) refuses NaN/Inf voxels,
+    ``"zero"`` replaces them with 0.
+
+    Raises :class:`VolumeReadError` (``"<path>: <cause>"``) for anything that is not a valid volume.
+    """
+    path = Path(path)
+    _check_file(path)
+    if path.is_dir():
+        volume = _read_dicom_series(path, series_uid)
+    else:
+        suffix = _path_suffix(path)
+        if suffix in NUMPY_SUFFIXES:
+            volume = _read_numpy(path, spacing)
+        elif suffix in ITK_SUFFIXES or suffix in (".dcm", ".gz"):
+            fmt = {".nii": "NIfTI", ".nii.gz": "NIfTI", ".nrrd": "NRRD", ".nhdr": "NRRD", ".mha": "MetaImage",
+                   ".mhd": "MetaImage", ".dcm": "DICOM", ".gz": "gzip"}[suffix]
+            if suffix == ".dcm":
+                volume = _read_dicom_series(path.parent)
+            else:
+                volume = _read_itk(path, fmt)
+        else:
+            raise VolumeReadError(path, f"unknown volume format '{suffix or path.name}' "
+                                        f"(voxseq reads {', '.join(VOLUME_SUFFIXES)} and DICOM folders)")
+    if nonfinite not in ("error", "zero"):
+        raise VoxseqError(f"nonfinite must be 'error' or 'zero', not {nonfinite!r}")
+    _check_finite(volume, path, nonfinite)
+    return volume
+
+
+def write_volume(volume: Volume | np.ndarray, path: str | os.PathLike, *, like: Volume | None = None,
+                 in_source_grid: bool = False) -> Path:
+    """Write a volume as NIfTI (``.nii``/``.nii.gz``), NRRD or MetaImage, atomically.
+
+    ``volume`` may be a :class:`Volume` or a (Z, Y, X) array in the canonical grid of ``like``.
+    With ``in_source_grid=True`` the array is mapped back to the file grid ``like`` was read from
+    (same size, spacing, origin and direction as that file).
+    """
+    import SimpleITK as sitk
+
+    path = Path(path)
+    if _path_suffix(path) not in ITK_SUFFIXES:
+        raise VoxseqError(f"{path}: write_volume writes .nii, .nii.gz, .nrrd, .mha; not {path.suffix}")
+    if isinstance(volume, np.ndarray):
+        if like is None:
+            raise VoxseqError("write_volume(array, ...) needs like=<Volume> for the geometry")
+        geom, array = like, volume
+    else:
+        geom, array = volume, volume.array
+    if array.ndim == 4:
+        imgs = [geom.to_source(a) if in_source_grid else geom.to_sitk(a) for a in array]
+        img = sitk.JoinSeries(imgs)
+    else:
+        img = geom.to_source(array) if in_source_grid else geom.to_sitk(array)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    sitk.WriteImage(img, str(tmp), useCompression=path.name.lower().endswith((".gz", ".nrrd", ".mha")))
+    os.replace(tmp, path)
+    return path
