@@ -1,0 +1,1 @@
+"""Data: preprocessing, manifests, dataset adapters, the voxel cache and synthetic phantoms."""
