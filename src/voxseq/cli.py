@@ -1,0 +1,189 @@
+"""The ``voxseq`` command line: thin wrappers that parse arguments and call library functions.
+
+Heavy modules (torch, MONAI, SimpleITK) are imported inside the commands that need them, so
+``voxseq --help`` answers at once. Errors caused by the input print one line naming the file
+and the cause and exit with code 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from voxseq import VoxseqError, __version__
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  help="voxseq: foundation models of 3D medical images (AR-SSL4M, SigVLP).")
+pretrain_app = typer.Typer(no_args_is_help=True, help="Pretrain an encoder (ar: autoregressive sequences).")
+app.add_typer(pretrain_app, name="pretrain")
+
+_state = {"debug": False}
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"voxseq {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    _state["debug"] = debug
+
+
+def _err(message: str) -> None:
+    typer.echo(f"voxseq: error: {message}", err=True)
+
+
+# ---------------------------------------------------------------------------- info
+
+
+@app.command()
+def info(
+    paths: List[Path] = typer.Argument(..., help="Volume files or folders (DICOM series, or folders of volumes)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per input, one per line."),
+) -> None:
+    """Size, spacing, orientation and intensity range of volumes."""
+    from voxseq.io.inspect import expand_inputs, volume_info
+
+    failed = 0
+    for path in expand_inputs(paths):
+        try:
+            d = volume_info(path)
+        except VoxseqError as e:
+            if _state["debug"]:
+                raise
+            _err(str(e))
+            failed += 1
+            continue
+        if as_json:
+            typer.echo(json.dumps(d))
+        else:
+            typer.echo(f"{d['path']}\n  format {d['format']}  size_xyz {tuple(d['size_xyz'])}  channels {d['channels']}  "
+                       f"spacing_xyz {tuple(round(s, 4) for s in d['spacing_xyz'])} mm  orientation {d['orientation']}\n"
+                       f"  dtype {d['dtype']}  min {d['min']:g}  max {d['max']:g}  mean {d['mean']:.4g}")
+    if failed:
+        raise typer.Exit(2)
+
+
+# ---------------------------------------------------------------------------- prepare
+
+
+@app.command()
+def prepare(
+    source: Path = typer.Argument(..., help="A manifest (.jsonl), a CSV, or a dataset folder (layout auto-detected)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Cache folder to write (re-running resumes it)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML with a Preprocess config (or a `preprocess:` section)."),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="Dataset layout: msd, brats, deeplesion, ctrate, radgenome, folder, csv (default: detect)."),
+    window: Optional[str] = typer.Option(None, "--window", help="CT window preset (liver, lung, pancreas, hepatic_vessel, spleen, colon, ct)."),
+    spacing: Optional[str] = typer.Option(None, "--spacing", help="Target spacing 'x,y,z' in mm."),
+    workers: int = typer.Option(2, "--workers", "-j", help="Parallel worker processes."),
+    on_error: str = typer.Option("stop", "--on-error", help="stop: stop at the first bad volume; skip: go on and list it."),
+    nonfinite: str = typer.Option("error", "--nonfinite", help="error: refuse NaN/Inf voxels; zero: replace them with 0."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Delete an existing cache at --out first."),
+    overrides: List[str] = typer.Argument(None, help="Preprocess overrides key=value, e.g. crop_foreground=true."),
+) -> None:
+    """Preprocess a corpus into a fast, memory-mapped voxel cache."""
+    from voxseq.tasks.prepare import run_prepare
+
+    summary = run_prepare(source, out, config=config, adapter=adapter, window=window, spacing=spacing,
+                          workers=workers, on_error=on_error, nonfinite=nonfinite, overwrite=overwrite,
+                          overrides=list(overrides or []))
+    typer.echo(f"prepared {summary.done} volume(s), reused {summary.reused}, skipped {len(summary.skipped)} "
+               f"in {summary.seconds:.1f} s ({summary.volumes_per_s:.2f} volumes/s, {summary.mb_per_s:.1f} MB/s) -> {out}")
+    for s in summary.skipped:
+        typer.echo(f"  skipped {s['id']}: {s['error']}")
+
+
+# ---------------------------------------------------------------------------- phantoms
+
+
+@app.command()
+def phantoms(
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to write the phantoms and their manifest.jsonl into."),
+    n_ct: int = typer.Option(8, "--n-ct", help="Number of CT torso phantoms."),
+    n_mri: int = typer.Option(4, "--n-mri", help="Number of 4-contrast brain MRI phantoms."),
+    seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same phantoms)."),
+) -> None:
+    """Write deterministic synthetic CT torsos and multi-contrast brain MRIs with masks, lesions and text."""
+    from voxseq.data.phantoms import write_phantoms
+
+    manifest = write_phantoms(out, n_ct=n_ct, n_mri=n_mri, seed=seed)
+    typer.echo(f"wrote {n_ct} CT and {n_mri} MRI phantoms -> {manifest}")
+
+
+# ---------------------------------------------------------------------------- manifest
+
+
+@app.command()
+def manifest(
+    root: Path = typer.Argument(..., help="Dataset folder (or CSV file) in its usual layout."),
+    out: Path = typer.Option(..., "--out", "-o", help="Manifest file to write (.jsonl)."),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="msd, brats, deeplesion, ctrate, radgenome, folder, csv (default: detect)."),
+) -> None:
+    """Build a voxseq manifest from a public dataset layout, a folder or a CSV."""
+    from voxseq.data.adapters import build_manifest, detect_dataset
+    from voxseq.data.manifest import write_manifest
+
+    kind = adapter or detect_dataset(root)
+    records = build_manifest(kind, root)
+    write_manifest(records, out)
+    splits = {s: sum(r.split == s for r in records) for s in ("train", "val", "test")}
+    typer.echo(f"{kind}: {len(records)} record(s) {splits} -> {out}")
+
+
+# ---------------------------------------------------------------------------- demo
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Folder for the demo's cache, runs and report."),
+    quick: bool = typer.Option(False, "--quick", help="A shorter run (fewer phantoms and steps)."),
+    fresh: bool = typer.Option(False, "--fresh", help="Redo every step instead of reusing finished ones."),
+) -> None:
+    """Run the whole pipeline on bundled real samples and synthetic phantoms, on CPU."""
+    from voxseq.tasks.demo import run_demo
+
+    run_demo(out, quick=quick, fresh=fresh)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``voxseq`` console script."""
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    try:
+        rc = app(args=argv, standalone_mode=False)  # returns the exit code of typer.Exit
+    except VoxseqError as e:
+        if debug:
+            raise
+        _err(str(e))
+        return 2
+    except typer.Exit as e:
+        return e.exit_code
+    except (KeyboardInterrupt, SystemExit) as e:
+        if isinstance(e, SystemExit):
+            return e.code if isinstance(e.code, int) else 1
+        _err("interrupted")
+        return 130
+    except Exception as e:  # noqa: BLE001 - the CLI's promise is one line, not a traceback
+        if isinstance(e, typer.TyperException):  # usage errors: typer prints them itself
+            e.show()
+            return e.exit_code
+        if isinstance(e, typer.Abort):
+            _err("aborted")
+            return 1
+        if debug:
+            raise
+        _err(f"{type(e).__name__}: {e} (run with --debug for the traceback)")
+        return 1
+    return rc if isinstance(rc, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

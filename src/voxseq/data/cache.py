@@ -1,0 +1,424 @@
+"""The voxel cache: preprocess a corpus once, read crops from it fast and lazily for ever after.
+
+Layout of a cache folder::
+
+    CACHE/
+      preprocess.yaml             the Preprocess config every volume went through
+      volumes/<id>/image.npy      float16 (C, Z, Y, X), C-contiguous
+      volumes/<id>/label.npy      uint8 (Z, Y, X), when the record has a label
+      volumes/<id>/entry.json     shape, spacing, geometry, intensity statistics, boxes in this grid,
+                                  checksums; written last: its presence marks a finished volume
+      index.jsonl                 all finished entries, rebuilt at the end of every `prepare`
+      skipped.jsonl               records that failed with --on-error skip, with the reason
+
+Why plain ``.npy`` files read through ``np.load(mmap_mode="r")``: a random (Z, Y, X) crop of a
+C-contiguous array is a few thousand contiguous row reads straight out of the page cache, with no
+decompression and no per-chunk bookkeeping. Keeping each file's memory map open for the life of a
+reader (a bounded LRU of maps) avoids re-mapping and page-faulting on every crop; on a 2-core CPU
+that reads a 128x128x32 float16 crop in ~0.4 ms, about 4x faster than re-opening the file per crop and
+far faster than chunked, compressed stores (zarr/HDF5), which decompress whole chunks per read. The
+files are standard numpy: any tool can open them. Memory stays bounded by the open maps (pages
+are evictable page cache), whatever the corpus size.
+
+Writing is crash-safe: every file is written under a temporary name and renamed into place, and
+``entry.json`` goes last, so a partial volume is never taken for a finished one; re-running
+``prepare`` skips finished volumes and redoes the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+
+from voxseq import VoxseqError
+from voxseq.config import from_dict, load_yaml, save_yaml, to_dict
+from voxseq.data.manifest import Box, Record
+from voxseq.data.preprocess import Preprocess, check_same_grid, preprocess
+from voxseq.io.volume import Volume, VolumeReadError, read_volume
+
+CACHE_VERSION = 1
+ON_ERROR = ("stop", "skip")
+
+
+# ---------------------------------------------------------------------------- small file helpers
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_save_npy(path: Path, array: np.ndarray) -> str:
+    """Save an array as .npy under a temporary name, fsync, rename; returns its sha256."""
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    with open(tmp, "wb") as f:
+        np.save(f, np.ascontiguousarray(array), allow_pickle=False)
+        f.flush()
+        os.fsync(f.fileno())
+    digest = sha256_file(tmp)
+    os.replace(tmp, path)
+    return digest
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def safe_id(record_id: str) -> str:
+    """A record id as a folder name (ids may contain slashes, e.g. relative paths)."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in record_id).strip(".") or "_"
+
+
+# ---------------------------------------------------------------------------- one volume
+
+
+def load_record(record: Record, nonfinite: str = "error") -> tuple[Volume, Volume | None]:
+    """Read a record's image(s) as one (C, Z, Y, X) volume (channels in ``images`` order) and its label."""
+    vols = []
+    for name, path in record.images.items():
+        v = read_volume(path, spacing=record.spacing, nonfinite=nonfinite)
+        if vols:
+            check_same_grid(vols[0], v)  # co-registered modalities must share one grid
+        vols.append(v)
+    if len(vols) == 1:
+        image = vols[0]
+        if image.array.ndim == 3:
+            image.array = image.array[None]
+    else:
+        arrays = [v.array if v.array.ndim == 4 else v.array[None] for v in vols]
+        image = Volume(np.concatenate(arrays), vols[0].spacing, vols[0].origin, vols[0].direction, dict(vols[0].meta))
+    names = list(record.images)
+    if len(vols) == 1 and image.channels > 1:  # one 4-D file: its channels are unnamed
+        names = [f"{names[0]}_{c}" for c in range(image.channels)]
+    image.meta["modalities"] = names
+    label = None
+    if record.label:
+        label = read_volume(record.label, spacing=record.spacing, nonfinite=nonfinite)
+        if label.array.ndim != 3:
+            raise VolumeReadError(record.label, "a label must be a single 3-D volume")
+    return image, label
+
+
+def _index_to_physical(idx_xyz: np.ndarray, origin, spacing, direction) -> np.ndarray:
+    d = np.asarray(direction, dtype=float).reshape(3, 3)
+    return np.asarray(origin, float) + (d @ (np.asarray(idx_xyz, float) * np.asarray(spacing, float)).T).T
+
+
+def _physical_to_index(phys: np.ndarray, origin, spacing, direction) -> np.ndarray:
+    d = np.asarray(direction, dtype=float).reshape(3, 3)
+    return (np.linalg.solve(d, (np.asarray(phys, float) - np.asarray(origin, float)).T).T) / np.asarray(spacing, float)
+
+
+def box_to_grid(box: Box, source_meta: dict, grid: Volume) -> list[int]:
+    """A box in the source file's voxel grid (x, y, z) -> [z0, y0, x0, z1, y1, x1] in ``grid``.
+
+    Maps both corners through physical space, so reorientation, resampling and cropping are all
+    accounted for; the result is clamped to the grid.
+    """
+    b = np.asarray(box.bbox_xyz, float)
+    corners = np.array([[b[i] if (k >> j) & 1 == 0 else b[i + 3] for j, i in enumerate(range(3))] for k in range(8)])
+    corners = corners - 0.5  # voxel edges: index i spans [i - 0.5, i + 0.5]
+    phys = _index_to_physical(corners, source_meta["source_origin_xyz"], source_meta["source_spacing_xyz"],
+                              source_meta["source_direction"])
+    idx = _physical_to_index(phys, grid.origin, grid.spacing, grid.direction) + 0.5
+    lo = np.floor(idx.min(0) + 1e-6).astype(int)
+    hi = np.ceil(idx.max(0) - 1e-6).astype(int)
+    size = np.array(grid.size_xyz)
+    lo, hi = np.clip(lo, 0, size), np.clip(hi, 0, size)
+    return [int(lo[2]), int(lo[1]), int(lo[0]), int(hi[2]), int(hi[1]), int(hi[0])]
+
+
+def intensity_stats(array: np.ndarray) -> list[dict[str, float]]:
+    """Per-channel mean, std, min, max and 1/50/99 percentiles (on a strided subsample for speed)."""
+    stats = []
+    for c in array:
+        sub = c[:: max(1, c.shape[0] // 32)].astype(np.float32)
+        p1, p50, p99 = np.percentile(sub, [1, 50, 99])
+        stats.append({"mean": float(c.mean(dtype=np.float64)), "std": float(sub.std()), "min": float(c.min()),
+                      "max": float(c.max()), "p1": float(p1), "p50": float(p50), "p99": float(p99)})
+    return stats
+
+
+def prepare_one(record: Record, cfg: Preprocess, out_dir: Path, nonfinite: str = "error") -> dict[str, Any]:
+    """Preprocess one record into ``out_dir/volumes/<id>/``; returns its entry (also written as entry.json)."""
+    t0 = time.perf_counter()
+    image, label = load_record(record, nonfinite)
+    raw_min, raw_max = float(image.array.min()), float(image.array.max())
+    source_meta = image.meta
+    image, label = preprocess(image, label, cfg)
+    folder = out_dir / "volumes" / safe_id(record.id)
+    folder.mkdir(parents=True, exist_ok=True)
+    entry: dict[str, Any] = {
+        "id": record.id,
+        "folder": f"volumes/{safe_id(record.id)}",
+        "split": record.split,
+        "modalities": source_meta["modalities"],
+        "shape_zyx": list(image.shape_zyx),
+        "channels": image.channels,
+        "spacing_xyz": [float(s) for s in image.spacing],
+        "origin_xyz": [float(o) for o in image.origin],
+        "direction": [float(d) for d in image.direction],
+        "source": {k: source_meta[k] for k in ("path", "format", "source_orientation", "source_size_xyz",
+                                               "source_spacing_xyz") if k in source_meta},
+        "raw_range": [raw_min, raw_max],
+        "stats": intensity_stats(image.array),
+        "preprocess": image.meta.get("preprocess", {}),
+        "classes": record.classes,
+        "text": record.text,
+        "sentences": record.sentences,
+        "boxes": [{"category": b.category, "bbox_zyx": box_to_grid(b, source_meta, image)} for b in record.boxes],
+        "has_label": label is not None,
+        "extra": record.extra,
+    }
+    entry["sha256"] = {"image.npy": atomic_save_npy(folder / "image.npy", image.array.astype(np.float16))}
+    if label is not None:
+        entry["label_values"] = [int(v) for v in np.unique(label.array)]
+        entry["sha256"]["label.npy"] = atomic_save_npy(folder / "label.npy", label.array)
+    entry["seconds"] = round(time.perf_counter() - t0, 3)
+    atomic_write_bytes(folder / "entry.json", json.dumps(entry).encode())
+    return entry
+
+
+# ---------------------------------------------------------------------------- the whole corpus
+
+
+@dataclass
+class PrepareSummary:
+    out_dir: str
+    done: int = 0
+    reused: int = 0
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    bytes_written: int = 0
+
+    @property
+    def volumes_per_s(self) -> float:
+        return self.done / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes_written / 1e6 / self.seconds if self.seconds > 0 else 0.0
+
+
+def _worker(args: tuple[Record, Preprocess, str, str]) -> tuple[str, dict | None, str | None]:
+    record, cfg, out_dir, nonfinite = args
+    try:
+        return record.id, prepare_one(record, cfg, Path(out_dir), nonfinite), None
+    except (VoxseqError, OSError, ValueError, RuntimeError, MemoryError) as e:
+        return record.id, None, str(e) if isinstance(e, VoxseqError) else f"{record.id}: {type(e).__name__}: {e}"
+
+
+def _check_or_write_preprocess(out_dir: Path, cfg: Preprocess) -> None:
+    path = out_dir / "preprocess.yaml"
+    wanted = {"cache_version": CACHE_VERSION, "preprocess": to_dict(cfg)}
+    if path.exists():
+        have = load_yaml(path)
+        if have != wanted:
+            raise VoxseqError(f"{out_dir}: this cache was built with a different preprocessing "
+                              f"({path}); use another --out folder or --overwrite")
+    else:
+        save_yaml(wanted, path)
+
+
+def _finished_entry(out_dir: Path, record: Record) -> dict | None:
+    path = out_dir / "volumes" / safe_id(record.id) / "entry.json"
+    if not path.is_file():
+        return None
+    try:
+        entry = json.loads(path.read_text())
+    except (json.JSONDecodeError, OSError):
+        return None
+    files = ["image.npy"] + (["label.npy"] if entry.get("has_label") else [])
+    if entry.get("id") != record.id or not all((path.parent / f).is_file() for f in files):
+        return None
+    return entry
+
+
+def _clean_partial(out_dir: Path) -> None:
+    """Remove temporary files that an interrupted run left behind."""
+    vols = out_dir / "volumes"
+    if vols.is_dir():
+        for tmp in vols.glob("*/.tmp-*"):
+            tmp.unlink(missing_ok=True)
+
+
+def prepare_cache(records: Iterable[Record], out_dir: str | os.PathLike, cfg: Preprocess, *, workers: int = 1,
+                  on_error: str = "stop", nonfinite: str = "error", overwrite: bool = False,
+                  progress: bool = True) -> PrepareSummary:
+    """Preprocess ``records`` into a cache at ``out_dir`` (see the module docstring).
+
+    Volumes already finished (``entry.json`` present) are reused; the rest run in ``workers``
+    processes, one volume each at a time, so memory stays bounded by ``workers`` volumes. With
+    ``on_error="skip"`` a failing record is logged in ``skipped.jsonl`` and the run goes on; with
+    ``"stop"`` the run stops at the first failure, keeping everything finished before it.
+    """
+    if on_error not in ON_ERROR:
+        raise VoxseqError(f"on_error must be one of {ON_ERROR}, not {on_error!r}")
+    out_dir = Path(out_dir)
+    if overwrite and out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _check_or_write_preprocess(out_dir, cfg)
+    _clean_partial(out_dir)
+    t0 = time.perf_counter()
+    summary = PrepareSummary(str(out_dir))
+    records = list(records)  # records are small (paths and text); the volumes are never all in memory
+    ids = [r.id for r in records]
+    if len(set(ids)) != len(ids):
+        dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
+        raise VoxseqError(f"duplicate record ids in the input: {dup}")
+    todo = []
+    for r in records:
+        if _finished_entry(out_dir, r) is not None:
+            summary.reused += 1
+        else:
+            todo.append(r)
+    with _progress(progress, len(todo), "prepare") as advance:
+        for rid, entry, error in _run(todo, cfg, out_dir, nonfinite, workers):
+            if error is None:
+                summary.done += 1
+                summary.bytes_written += sum((out_dir / entry["folder"] / f).stat().st_size for f in entry["sha256"])
+            else:
+                summary.skipped.append({"id": rid, "error": error})
+                if on_error == "stop":
+                    _write_index(out_dir, records, summary)
+                    raise VoxseqError(error)
+            advance()
+    summary.seconds = time.perf_counter() - t0
+    _write_index(out_dir, records, summary)
+    return summary
+
+
+def _run(todo: list[Record], cfg: Preprocess, out_dir: Path, nonfinite: str, workers: int) -> Iterator:
+    jobs = ((r, cfg, str(out_dir), nonfinite) for r in todo)
+    if workers <= 1 or len(todo) <= 1:
+        yield from map(_worker, jobs)
+        return
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn" if os.environ.get("VOXSEQ_MP_SPAWN") else "fork")
+    with ctx.Pool(workers, maxtasksperchild=16) as pool:
+        yield from pool.imap_unordered(_worker, jobs, chunksize=1)
+
+
+class _progress:
+    """A rich progress bar that degrades to nothing when disabled (tests, non-interactive logs)."""
+
+    def __init__(self, enabled: bool, total: int, description: str):
+        self.enabled, self.total, self.description = enabled and total > 0, total, description
+
+    def __enter__(self) -> Callable[[], None]:
+        if not self.enabled:
+            return lambda: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), TimeRemainingColumn(), transient=False)
+        self.bar.__enter__()
+        task = self.bar.add_task(self.description, total=self.total)
+        return lambda: self.bar.advance(task)
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            self.bar.__exit__(*exc)
+
+
+def _write_index(out_dir: Path, records: list[Record], summary: PrepareSummary) -> None:
+    """index.jsonl lists finished volumes in input order; skipped.jsonl the failures of this run."""
+    lines = []
+    for r in records:
+        entry = _finished_entry(out_dir, r)
+        if entry is not None:
+            lines.append(json.dumps(entry))
+    atomic_write_bytes(out_dir / "index.jsonl", ("\n".join(lines) + ("\n" if lines else "")).encode())
+    skipped = "".join(json.dumps(s) + "\n" for s in summary.skipped)
+    atomic_write_bytes(out_dir / "skipped.jsonl", skipped.encode())
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+class Cache:
+    """Read side of a cache; implements the ``VolumeSource`` protocol of ``voxseq.sequence``.
+
+    ``image(i)`` is a read-only float16 memmap (C, Z, Y, X): slicing it reads only the crop.
+    Open maps are kept in an LRU of ``max_open`` files, so a worker's memory does not grow with the
+    corpus. Safe to pickle into DataLoader workers (maps are reopened in each process).
+    """
+
+    def __init__(self, path: str | os.PathLike, split: str | None = None, max_open: int = 64):
+        self.path = Path(path)
+        index = self.path / "index.jsonl"
+        if not index.is_file():
+            raise VoxseqError(f"{self.path}: not a voxseq cache (no index.jsonl); build one with `voxseq prepare`")
+        entries = [json.loads(line) for line in index.read_text().splitlines() if line.strip()]
+        if split is not None:
+            entries = [e for e in entries if e["split"] == split]
+        self.entries = entries
+        self.split = split
+        self.max_open = max_open
+        self._maps: OrderedDict[tuple[int, str], np.ndarray] = OrderedDict()
+        data = load_yaml(self.path / "preprocess.yaml")
+        self.preprocess = from_dict(Preprocess, data.get("preprocess", {}))
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_maps"] = OrderedDict()
+        return state
+
+    def _map(self, i: int, name: str) -> np.ndarray:
+        key = (i, name)
+        arr = self._maps.get(key)
+        if arr is None:
+            arr = np.load(self.path / self.entries[i]["folder"] / name, mmap_mode="r")
+            self._maps[key] = arr
+            if len(self._maps) > self.max_open:
+                self._maps.popitem(last=False)
+        else:
+            self._maps.move_to_end(key)
+        return arr
+
+    def image(self, i: int) -> np.ndarray:
+        return self._map(i, "image.npy")
+
+    def label(self, i: int) -> np.ndarray | None:
+        return self._map(i, "label.npy") if self.entries[i].get("has_label") else None
+
+    def entry(self, i: int) -> dict:
+        return self.entries[i]
+
+    @property
+    def ids(self) -> list[str]:
+        return [e["id"] for e in self.entries]
+
+    def geometry(self, i: int) -> Volume:
+        """The cached volume's grid as a :class:`Volume` (array: the memmap), for mapping back to files."""
+        e = self.entries[i]
+        return Volume(self.image(i), tuple(e["spacing_xyz"]), tuple(e["origin_xyz"]), tuple(e["direction"]), {"id": e["id"]})
+
+    def verify(self, i: int) -> list[str]:
+        """Names of this volume's files whose checksum does not match (empty when intact)."""
+        e = self.entries[i]
+        folder = self.path / e["folder"]
+        return [name for name, digest in e.get("sha256", {}).items()
+                if not (folder / name).is_file() or sha256_file(folder / name) != digest]

@@ -1,0 +1,50 @@
+"""`voxseq prepare`: a manifest, CSV or dataset folder -> a voxel cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from voxseq import VoxseqError
+from voxseq.config import apply_overrides, from_dict, load_yaml
+from voxseq.data.cache import PrepareSummary, prepare_cache
+from voxseq.data.manifest import Record, read_manifest
+from voxseq.data.preprocess import Preprocess
+
+
+def load_records(source: str | Path, adapter: str | None = None) -> list[Record]:
+    """Records from a manifest (.jsonl), or from a dataset folder / CSV through an adapter."""
+    source = Path(source)
+    if not source.exists():
+        raise VoxseqError(f"{source}: no such file or directory")
+    if source.is_file() and source.suffix == ".jsonl":
+        return read_manifest(source)
+    from voxseq.data.adapters import build_manifest, detect_dataset
+
+    return build_manifest(adapter or detect_dataset(source), source)
+
+
+def build_preprocess(config: str | Path | None = None, window: str | None = None, spacing: str | None = None,
+                     overrides: list[str] | None = None) -> Preprocess:
+    """A Preprocess from an optional YAML (top level or a `preprocess:` section) plus CLI shortcuts."""
+    data = load_yaml(config) if config else {}
+    data = dict(data.get("preprocess", data))
+    if window:
+        data.update(intensity="window", window=window)
+    if spacing:
+        try:
+            data["spacing_xyz"] = [float(s) for s in spacing.split(",")]
+        except ValueError:
+            raise VoxseqError(f"--spacing {spacing!r}: expected three numbers 'x,y,z'") from None
+    apply_overrides(data, list(overrides or []))
+    return from_dict(Preprocess, data)
+
+
+def run_prepare(source: str | Path, out: str | Path, *, config=None, adapter=None, window=None, spacing=None,
+                workers: int = 2, on_error: str = "stop", nonfinite: str = "error", overwrite: bool = False,
+                overrides: list[str] | None = None, progress: bool = True) -> PrepareSummary:
+    cfg = build_preprocess(config, window, spacing, overrides)
+    records = load_records(source, adapter)
+    if not records:
+        raise VoxseqError(f"{source}: no volumes found")
+    return prepare_cache(records, out, cfg, workers=workers, on_error=on_error, nonfinite=nonfinite,
+                         overwrite=overwrite, progress=progress)
