@@ -38,14 +38,14 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # Optional[X]: X's own error message is the useful one
+            return _coerce(options[0], value, where)
+        for a in options:
             try:
                 return _coerce(a, value, where)
-            except (VoxseqError, TypeError, ValueError) as e:
-                errors.append(str(e))
+            except (VoxseqError, TypeError, ValueError):
+                continue
         raise VoxseqError(f"{where}: {value!r} fits none of {tp}")
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
