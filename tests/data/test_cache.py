@@ -1,0 +1,128 @@
+"""The voxel cache: contents, lazy reads, resume, crash safety, errors, boxes in the cache grid."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from voxseq import VoxseqError
+from voxseq.data.cache import Cache, box_to_grid, prepare_cache
+from voxseq.data.manifest import Box, Record
+from voxseq.data.preprocess import Preprocess
+from voxseq.io import read_volume
+
+
+def _records(samples):
+    return [Record(id=n, images={"image": str(samples / f"{n}_image.nrrd")}, label=str(samples / f"{n}_label.nrrd"))
+            for n in ("breast1", "brain1")]
+
+
+def test_prepare_writes_float16_memmaps_and_stats(tmp_path, samples):
+    s = prepare_cache(_records(samples), tmp_path / "c", Preprocess(), workers=1, progress=False)
+    assert s.done == 2 and s.reused == 0 and not s.skipped
+    c = Cache(tmp_path / "c")
+    assert c.ids == ["breast1", "brain1"]
+    img, lab = c.image(0), c.label(0)
+    assert isinstance(img, np.memmap) and img.dtype == np.float16 and img.shape == (1, 21, 120, 45)
+    assert lab.dtype == np.uint8 and lab.shape == (21, 120, 45)
+    assert lab.sum() == read_volume(samples / "breast1_label.nrrd").array.sum() > 0
+    e = c.entry(1)
+    assert e["shape_zyx"] == [25, 256, 256] and np.allclose(e["spacing_xyz"], [0.78125, 0.78125, 6.5])
+    assert e["stats"][0]["min"] == 0 and e["stats"][0]["max"] == 1 and 0 < e["stats"][0]["mean"] < 1
+    assert e["source"]["source_orientation"] == "LAS" and e["raw_range"] == [0.0, 3057.0]
+    # the cached label equals the file's label in canonical orientation
+    ref = read_volume(samples / "brain1_label.nrrd").array
+    assert np.array_equal(c.label(1), ref.astype(np.uint8))
+    assert c.verify(0) == [] and c.preprocess == Preprocess()
+
+
+def test_rerun_reuses_and_resumes_after_interruption(tmp_path, samples):
+    out = tmp_path / "c"
+    prepare_cache(_records(samples), out, Preprocess(), progress=False)
+    # simulate a crash in the middle of writing brain1: entry.json missing, a temp file left over
+    (out / "volumes" / "brain1" / "entry.json").unlink()
+    (out / "volumes" / "brain1" / ".tmp-999-image.npy").write_bytes(b"partial")
+    s = prepare_cache(_records(samples), out, Preprocess(), progress=False)
+    assert s.reused == 1 and s.done == 1
+    assert not list(out.glob("volumes/*/.tmp-*"))
+    assert len(Cache(out)) == 2
+
+
+def test_different_preprocess_is_refused(tmp_path, samples):
+    prepare_cache(_records(samples)[:1], tmp_path / "c", Preprocess(), progress=False)
+    with pytest.raises(VoxseqError, match="different preprocessing"):
+        prepare_cache(_records(samples)[:1], tmp_path / "c", Preprocess(intensity="window", window="lung"), progress=False)
+
+
+def test_on_error_skip_lists_failures_and_keeps_earlier_work(tmp_path, samples):
+    bad = tmp_path / "broken.nii.gz"
+    bad.write_bytes(b"\x1f\x8b\x08\x00garbage")
+    records = _records(samples)[:1] + [
+        Record(id="missing", images={"image": str(tmp_path / "gone.nrrd")}),
+        Record(id="broken", images={"image": str(bad)}),
+        Record(id="mismatch", images={"image": str(samples / "breast1_image.nrrd")}, label=str(samples / "brain1_label.nrrd")),
+    ]
+    s = prepare_cache(records, tmp_path / "c", Preprocess(), on_error="skip", progress=False)
+    assert s.done == 1
+    reasons = {x["id"]: x["error"] for x in s.skipped}
+    assert set(reasons) == {"missing", "broken", "mismatch"}
+    assert "gone.nrrd: no such file" in reasons["missing"]
+    assert "broken.nii.gz: corrupt or truncated gzip" in reasons["broken"]
+    assert "label geometry does not match" in reasons["mismatch"]
+    skipped = [json.loads(line) for line in (tmp_path / "c" / "skipped.jsonl").read_text().splitlines()]
+    assert {x["id"] for x in skipped} == set(reasons)
+    assert Cache(tmp_path / "c").ids == ["breast1"]
+    # on_error=stop: fails naming the file, and what was finished stays finished
+    with pytest.raises(VoxseqError, match="gone.nrrd"):
+        prepare_cache(records, tmp_path / "c", Preprocess(), progress=False)
+    assert Cache(tmp_path / "c").ids == ["breast1"]
+
+
+def test_parallel_workers_match_serial(tmp_path, samples):
+    prepare_cache(_records(samples), tmp_path / "a", Preprocess(), workers=1, progress=False)
+    prepare_cache(_records(samples), tmp_path / "b", Preprocess(), workers=2, progress=False)
+    a, b = Cache(tmp_path / "a"), Cache(tmp_path / "b")
+    assert a.ids == b.ids
+    for i in range(len(a)):
+        assert np.array_equal(a.image(i), b.image(i))
+
+
+def test_multi_modality_record_stacks_channels(tmp_path, samples):
+    r = Record(id="mm", images={"t1": str(samples / "breast1_image.nrrd"), "t2": str(samples / "breast1_image.nrrd")})
+    prepare_cache([r], tmp_path / "c", Preprocess(), progress=False)
+    c = Cache(tmp_path / "c")
+    assert c.image(0).shape == (2, 21, 120, 45) and c.entry(0)["modalities"] == ["t1", "t2"]
+
+
+def test_boxes_follow_reorientation_and_resampling(tmp_path, samples):
+    """A box drawn in the file's voxel grid lands on the same anatomy in the cache grid."""
+    src = sitk.ReadImage(str(samples / "brain1_label.nrrd"))  # stored LAS: Y flips on reading
+    lab = sitk.GetArrayFromImage(src)
+    zyx = np.argwhere(lab > 0)
+    lo, hi = zyx.min(0), zyx.max(0) + 1
+    box = Box("lesion", [int(lo[2]), int(lo[1]), int(lo[0]), int(hi[2]), int(hi[1]), int(hi[0])])
+    r = Record(id="b", images={"image": str(samples / "brain1_image.nrrd")}, label=str(samples / "brain1_label.nrrd"),
+               boxes=[box])
+    prepare_cache([r], tmp_path / "c", Preprocess(spacing_xyz=[1.0, 1.0, 2.0]), progress=False)
+    c = Cache(tmp_path / "c")
+    z0, y0, x0, z1, y1, x1 = c.entry(0)["boxes"][0]["bbox_zyx"]
+    cached = np.asarray(c.label(0))
+    inside = cached[z0:z1, y0:y1, x0:x1].sum()
+    assert inside == cached.sum() > 0  # every lesion voxel inside the mapped box
+    assert (z1 - z0) * (y1 - y0) * (x1 - x0) < 2.0 * np.prod(np.ptp(np.argwhere(cached), axis=0) + 1)  # and the box is tight
+
+
+def test_box_to_grid_identity():
+    from voxseq.io import Volume
+
+    grid = Volume(np.zeros((10, 20, 30)), (1.0, 1.0, 1.0))
+    meta = {"source_origin_xyz": [0, 0, 0], "source_spacing_xyz": [1, 1, 1], "source_direction": [1, 0, 0, 0, 1, 0, 0, 0, 1]}
+    assert box_to_grid(Box("x", [2, 3, 4, 6, 8, 9]), meta, grid) == [4, 3, 2, 9, 8, 6]
+
+
+def test_not_a_cache(tmp_path):
+    with pytest.raises(VoxseqError, match="not a voxseq cache"):
+        Cache(tmp_path)
