@@ -9,15 +9,19 @@ from voxseq.config import apply_overrides, from_dict, load_yaml
 from voxseq.data.cache import PrepareSummary, prepare_cache
 from voxseq.data.manifest import Record, read_manifest
 from voxseq.data.preprocess import Preprocess
+from voxseq.io.volume import VOLUME_SUFFIXES
 
 
 def load_records(source: str | Path, adapter: str | None = None) -> list[Record]:
-    """Records from a manifest (.jsonl), or from a dataset folder / CSV through an adapter."""
+    """Records from a manifest (.jsonl), a single volume file, or a dataset folder / CSV (through an adapter)."""
     source = Path(source)
     if not source.exists():
         raise VoxseqError(f"{source}: no such file or directory")
     if source.is_file() and source.suffix == ".jsonl":
         return read_manifest(source)
+    if source.is_file() and source.name.lower().endswith(VOLUME_SUFFIXES):  # a single scan
+        stem = source.name.split(".")[0]
+        return [Record(id=stem, images={"image": str(source)})]
     from voxseq.data.adapters import build_manifest, detect_dataset
 
     return build_manifest(adapter or detect_dataset(source), source)
