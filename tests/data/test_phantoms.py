@@ -1,0 +1,120 @@
+"""Synthetic phantoms: determinism, anatomy, intensities, lesions, text, files on disk."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from voxseq.data.manifest import read_manifest
+from voxseq.data.phantoms import (
+    ABNORMALITIES,
+    BRATS_LABELS,
+    ORGANS,
+    make_ct_phantom,
+    make_mri_phantom,
+    write_phantoms,
+)
+from voxseq.io import read_volume
+
+ALL_ON = {a: 1 for a in ABNORMALITIES}
+
+
+@pytest.fixture(scope="module")
+def torso():
+    return make_ct_phantom(3, scan="chest_abdomen", abnormalities=ALL_ON)
+
+
+def test_deterministic():
+    a, b, c = make_ct_phantom(7), make_ct_phantom(7), make_ct_phantom(8)
+    assert np.array_equal(a.image.array, b.image.array) and np.array_equal(a.label.array, b.label.array)
+    assert a.report == b.report and a.lesions == b.lesions
+    assert a.image.array.shape != c.image.array.shape or not np.array_equal(a.image.array, c.image.array)
+
+
+def test_hu_per_organ(torso):
+    hu, lab = torso.image.array, torso.label.array
+    expected = {"lung_right": -850, "heart": 45, "liver": 60, "spleen": 50, "kidney_left": 150, "aorta": 200}
+    for organ, value in expected.items():
+        m = (lab == ORGANS[organ]) & ~torso.lesion_mask
+        assert abs(np.median(hu[m]) - value) < 25, organ
+    assert np.median(hu[lab == ORGANS["background"]]) < -950
+    assert np.median(hu[lab == ORGANS["bone"]]) > 250
+
+
+def _centroid(lab, organ):
+    return np.argwhere(lab == ORGANS[organ]).mean(axis=0)  # (z, y, x) index
+
+
+def test_anatomy_is_laid_out_like_a_body(torso):
+    lab = torso.label.array
+    # LPS: +z superior, +y posterior, +x patient left
+    assert _centroid(lab, "lung_right")[0] > _centroid(lab, "liver")[0]  # lungs above the liver
+    assert _centroid(lab, "bone")[1] > _centroid(lab, "aorta")[1]  # spine behind the aorta
+    assert _centroid(lab, "liver")[2] < _centroid(lab, "spleen")[2]  # liver on the right, spleen on the left
+    assert _centroid(lab, "lung_right")[2] < _centroid(lab, "lung_left")[2]
+    assert _centroid(lab, "kidney_left")[1] > _centroid(lab, "liver")[1]  # kidneys posterior
+    # the spine runs through every slice
+    assert np.mean([(lab[z] == ORGANS["bone"]).any() for z in range(lab.shape[0])]) > 0.8
+
+
+def test_lesions_inside_organs_and_boxes(torso):
+    assert {b.category for b in torso.lesions} == {"lung", "liver", "kidney", "bone"}
+    organ_of = {"lung": (2, 3), "liver": (5,), "kidney": (7, 8), "bone": (10,)}
+    for box in torso.lesions:
+        x0, y0, z0, x1, y1, z1 = box.bbox_xyz
+        region = torso.lesion_mask[z0:z1, y0:y1, x0:x1]
+        assert region.any()
+        labels = torso.label.array[z0:z1, y0:y1, x0:x1][region]
+        assert np.isin(labels, organ_of[box.category]).all()
+    # boxes cover the whole lesion mask
+    covered = np.zeros_like(torso.lesion_mask)
+    for b in torso.lesions:
+        x0, y0, z0, x1, y1, z1 = b.bbox_xyz
+        covered[z0:z1, y0:y1, x0:x1] = True
+    assert not (torso.lesion_mask & ~covered).any()
+
+
+def test_sentences_match_findings():
+    healthy = make_ct_phantom(5, scan="chest_abdomen", abnormalities={a: 0 for a in ABNORMALITIES})
+    assert healthy.sentences["liver"] == "The liver is unremarkable." and not healthy.lesions
+    sick = make_ct_phantom(5, scan="chest_abdomen", abnormalities=ALL_ON)
+    assert "hypodense lesion" in sick.sentences["liver"] and "nodule" in sick.sentences["lung"]
+    assert sick.sentences["heart"] == "The heart is enlarged." and sick.abnormalities["cardiomegaly"] == 1
+    assert (sick.label.array == ORGANS["heart"]).sum() > 1.5 * (healthy.label.array == ORGANS["heart"]).sum()
+    assert sick.report == " ".join(sick.sentences.values())
+
+
+def test_variable_shape_and_spacing():
+    ps = [make_ct_phantom(s) for s in range(6)]
+    assert len({p.image.array.shape[0] for p in ps}) > 2
+    assert len({round(p.image.spacing[2], 2) for p in ps}) > 1
+    assert len({p.scan for p in ps}) > 1
+    chest = make_ct_phantom(1, scan="chest")
+    assert (chest.label.array == ORGANS["lung_left"]).sum() > (chest.label.array == ORGANS["liver"]).sum()
+
+
+def test_mri_contrasts_coregistered():
+    m = make_mri_phantom(2)
+    img, lab = m.image.array, m.label.array
+    assert img.shape[0] == 4 and img.shape[1:] == lab.shape
+    assert set(np.unique(lab)) == set(BRATS_LABELS.values())
+    oedema = lab == BRATS_LABELS["oedema"]
+    enh = lab == BRATS_LABELS["enhancing"]
+    t1n, t1c, t2w, t2f = (img[c] for c in range(4))
+    assert t1c[enh].mean() > 1.4 * t1n[enh].mean()  # enhancement only after contrast
+    assert t2f[oedema].mean() > 1.5 * t2f[lab == 0][t2f[lab == 0] > 0.3].mean()  # FLAIR-bright oedema
+    assert m.lesions[0].category == "glioma"
+
+
+def test_write_phantoms_manifest_and_files(tmp_path):
+    manifest = write_phantoms(tmp_path, n_ct=2, n_mri=1, seed=1, size_xy=64, max_slices=48,
+                              mri_shape_zyx=(32, 48, 48), progress=False)
+    recs = read_manifest(manifest)
+    assert [r.id for r in recs] == ["ct_000", "ct_001", "mri_000"]
+    ct = recs[0]
+    v = read_volume(ct.images["image"])
+    p = make_ct_phantom(100_003, size_xy=64, max_slices=48)
+    assert np.array_equal(v.array, p.image.array) and np.allclose(v.spacing, p.image.spacing)
+    assert read_volume(ct.label).array.max() <= max(ORGANS.values())
+    assert ct.sentences == p.sentences and ct.classes == {k: float(x) for k, x in p.abnormalities.items()}
+    assert list(recs[2].images) == ["t1n", "t1c", "t2w", "t2f"]
