@@ -1,0 +1,17 @@
+"""Models: the 3D ViT encoder and the AR-SSL4M pretraining model (no losses here)."""
+
+from voxseq.models.vit3d import (
+    VIT_PRESETS,
+    ARViT3D,
+    ViT3D,
+    ViTConfig,
+    build_ar_model,
+    count_params,
+    flops_per_token,
+    prefix_causal_mask,
+    sincos_embed,
+    vit_config,
+)
+
+__all__ = ["VIT_PRESETS", "ARViT3D", "ViT3D", "ViTConfig", "build_ar_model", "count_params", "flops_per_token",
+           "prefix_causal_mask", "sincos_embed", "vit_config"]

@@ -1,0 +1,338 @@
+"""A 3D Vision Transformer for volumes and token sequences, and the AR-SSL4M pretraining model.
+
+One file, read top to bottom like the paper: config -> positions -> attention (prefix-causal) ->
+blocks -> encoder (``ViT3D``) -> autoregressive model (``ARViT3D``). Models compute no losses.
+
+Shapes: images (B, C, D, H, W); flattened patches ("tokens" before embedding) (B, L, C*p^3);
+embedded tokens (B, L, E); positions (B, L, 4) = (sub-volume, z, y, x) in patch units.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from voxseq import VoxseqError
+
+
+@dataclass
+class ViTConfig:
+    patch_size: int = 16
+    in_chans: int = 1
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    drop_path_rate: float = 0.0
+    norm_eps: float = 1e-6
+    pos_embed: str = "sincos"  # fixed 3D sin-cos over (sub-volume, z, y, x)
+    pos_theta: float = 10000.0
+    attn_backend: str = "sdpa"  # "sdpa" everywhere; "flex" (CUDA only) skips fully masked blocks
+    use_end_token: bool = False  # AR model: append a learned end token after the last token
+
+    def __post_init__(self) -> None:
+        if self.embed_dim % self.num_heads:
+            raise VoxseqError(f"model.embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if self.pos_embed == "sincos" and self.embed_dim % 8:
+            raise VoxseqError(f"model.embed_dim {self.embed_dim} must be a multiple of 8 for 4-axis sin-cos positions")
+        if self.pos_embed not in ("sincos",):
+            raise VoxseqError(f"model.pos_embed {self.pos_embed!r} is not supported (known: sincos)")
+        if self.attn_backend not in ("sdpa", "flex"):
+            raise VoxseqError(f"model.attn_backend must be 'sdpa' or 'flex', not {self.attn_backend!r}")
+
+    @property
+    def token_dim(self) -> int:
+        return self.in_chans * self.patch_size**3
+
+
+VIT_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(embed_dim=192, depth=6, num_heads=3, mlp_ratio=4.0),
+    "small": dict(embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0),
+    "base": dict(embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0),  # the paper's ViT-B
+    "large": dict(embed_dim=1024, depth=24, num_heads=16, mlp_ratio=4.0),
+}
+
+
+def vit_config(preset: str = "base", **overrides: Any) -> ViTConfig:
+    """A :class:`ViTConfig` from a preset name plus field overrides."""
+    if preset not in VIT_PRESETS:
+        raise VoxseqError(f"unknown model preset {preset!r} (known: {', '.join(VIT_PRESETS)})")
+    return ViTConfig(**{**VIT_PRESETS[preset], **overrides})
+
+
+# ---------------------------------------------------------------------------- positions
+
+
+def sincos_embed(pos: torch.Tensor, dim: int, theta: float = 10000.0) -> torch.Tensor:
+    """Fixed sin-cos embedding of (..., 4) positions (sub-volume, z, y, x) -> (..., dim).
+
+    Each of the four components gets dim/4 channels (half sin, half cos, geometric frequencies), so
+    tokens at the same place in different sub-volumes (contrast or semantic sequences) still differ,
+    and fractional positions (slabs offset by half a patch) are represented exactly.
+    """
+    d = dim // 4
+    freqs = theta ** (-torch.arange(0, d // 2, device=pos.device, dtype=torch.float32) / (d // 2))  # (d/2,)
+    angles = pos.float()[..., None] * freqs  # (..., 4, d/2)
+    emb = torch.cat([angles.sin(), angles.cos()], dim=-1)  # (..., 4, d)
+    return emb.flatten(-2)
+
+
+def grid_positions(grid_dhw: tuple[int, int, int], device=None) -> torch.Tensor:
+    """(N, 4) positions (0, z, y, x) of an image's patch grid in z-major token order."""
+    zz, yy, xx = torch.meshgrid(*[torch.arange(g, device=device, dtype=torch.float32) for g in grid_dhw], indexing="ij")
+    return torch.stack([torch.zeros_like(zz), zz, yy, xx], dim=-1).reshape(-1, 4)
+
+
+# ---------------------------------------------------------------------------- attention
+
+
+def prefix_causal_mask(length: int, prefix_len: torch.Tensor | int, device=None) -> torch.Tensor:
+    """(B, 1, L, L) boolean mask, True where query i may attend to key j.
+
+    The first ``prefix_len[b]`` tokens attend to each other in both directions; every later token
+    attends causally (to all tokens before it and to itself). ``prefix_len`` 0 or 1 is plain causal.
+    """
+    if isinstance(prefix_len, int):
+        prefix_len = torch.tensor([prefix_len], device=device)
+    prefix_len = prefix_len.to(device)
+    i = torch.arange(length, device=device)
+    causal = i[None, :] <= i[:, None]  # (L, L): key j <= query i
+    in_prefix = i[None, :] < prefix_len[:, None]  # (B, L)
+    both = in_prefix[:, :, None] & in_prefix[:, None, :]  # (B, L, L)
+    return (causal[None] | both)[:, None]
+
+
+def _flex_prefix_attention(q, k, v, prefix_len):  # pragma: no cover - CUDA path
+    """flex_attention with a block mask: blocks that are fully masked are skipped, not computed."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def mask_mod(b, h, qi, kv):
+        return (kv <= qi) | ((qi < prefix_len[b]) & (kv < prefix_len[b]))
+
+    block = create_block_mask(mask_mod, q.shape[0], None, q.shape[2], k.shape[2], device=q.device)
+    return flex_attention(q, k, v, block_mask=block)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused qkv projection, through SDPA."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, backend: str = "sdpa"):
+        super().__init__()
+        self.num_heads, self.head_dim, self.backend = num_heads, dim // num_heads, backend
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, is_causal: bool = False,
+                prefix_len: torch.Tensor | None = None) -> torch.Tensor:
+        b, n, e = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, h, L, d)
+        if self.backend == "flex" and prefix_len is not None and x.is_cuda:
+            out = _flex_prefix_attention(q, k, v, prefix_len)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None)
+        return self.proj(out.transpose(1, 2).reshape(b, n, e))
+
+
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: drop the residual branch for whole samples with probability p."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - p)
+    return x * keep / (1 - p)
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + attn(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, cfg: ViTConfig, drop_path_rate: float = 0.0):
+        super().__init__()
+        dim = cfg.embed_dim
+        self.norm1 = nn.LayerNorm(dim, eps=cfg.norm_eps)
+        self.attn = Attention(dim, cfg.num_heads, cfg.qkv_bias, cfg.attn_backend)
+        self.norm2 = nn.LayerNorm(dim, eps=cfg.norm_eps)
+        hidden = int(dim * cfg.mlp_ratio)
+        self.mlp = nn.Sequential()
+        self.mlp.add_module("fc1", nn.Linear(dim, hidden))
+        self.mlp.add_module("act", nn.GELU())
+        self.mlp.add_module("fc2", nn.Linear(hidden, dim))
+        self.drop_path_rate = drop_path_rate
+
+    def forward(self, x: torch.Tensor, mask=None, is_causal: bool = False, prefix_len=None) -> torch.Tensor:
+        x = x + drop_path(self.attn(self.norm1(x), mask, is_causal, prefix_len), self.drop_path_rate, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, self.training)
+
+
+# ---------------------------------------------------------------------------- the encoder
+
+
+class ViT3D(nn.Module):
+    """3D ViT encoder: Conv3d patch embedding, fixed 3D sin-cos positions, pre-LN blocks, final LN.
+
+    Takes images of any D, H, W that are multiples of the patch size (positions are computed for
+    the actual grid, no interpolation), or flattened token sequences with explicit positions.
+    """
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.cfg = cfg
+        p = cfg.patch_size
+        self.patch_embed = nn.Conv3d(cfg.in_chans, cfg.embed_dim, kernel_size=p, stride=p)
+        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        self.blocks = nn.ModuleList([Block(cfg, r) for r in rates])
+        self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
+        self.apply(_init_weights)
+        w = self.patch_embed.weight.data  # as MAE: init the patch projection like a Linear layer
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.blocks)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names to keep out of weight decay besides norms and biases (none: positions are fixed)."""
+        return set()
+
+    # -- embeddings
+
+    def embed_tokens(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Flattened patches (B, L, C*p^3) + positions (B, L, 4) -> (B, L, E).
+
+        Uses the Conv3d weight as a linear map, so image and token paths share weights exactly.
+        """
+        w = self.patch_embed.weight.flatten(1)  # (E, C*p^3), in (C, pz, py, px) order
+        x = F.linear(tokens, w, self.patch_embed.bias)
+        return x + sincos_embed(pos, self.cfg.embed_dim, self.cfg.pos_theta).to(x.dtype)
+
+    def embed_image(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """(B, C, D, H, W) -> tokens (B, N, E) with positions added, and the (gd, gh, gw) grid."""
+        p = self.cfg.patch_size
+        if any(s % p for s in x.shape[2:]):
+            raise VoxseqError(f"input size {tuple(x.shape[2:])} is not a multiple of the patch size {p}; pad it first")
+        x = self.patch_embed(x)  # (B, E, gd, gh, gw)
+        grid = tuple(x.shape[2:])
+        x = x.flatten(2).transpose(1, 2)  # (B, N, E)
+        pos = grid_positions(grid, x.device)  # type: ignore[arg-type]
+        return x + sincos_embed(pos, self.cfg.embed_dim, self.cfg.pos_theta).to(x.dtype), grid  # type: ignore[return-value]
+
+    # -- trunk
+
+    def run_blocks(self, x: torch.Tensor, mask=None, is_causal: bool = False, prefix_len=None,
+                   indices: set[int] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        taken = []
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, mask, is_causal, prefix_len)
+            if indices is not None and i in indices:
+                taken.append(x)
+        return x, taken
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, D, H, W) -> normalised token features (B, N, E), bidirectional attention."""
+        x, _ = self.embed_image(x)
+        x, _ = self.run_blocks(x)
+        return self.norm(x)
+
+    def forward_intermediates(self, x: torch.Tensor, indices: list[int]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Outputs (B, N, E) of the given blocks (0-based; UNETR skips: 3, 6, 9 of 12) and the final features."""
+        bad = [i for i in indices if not 0 <= i < self.num_layers]
+        if bad:
+            raise VoxseqError(f"block indices {bad} outside 0..{self.num_layers - 1}")
+        x, _ = self.embed_image(x)
+        x, taken = self.run_blocks(x, indices=set(indices))
+        order = sorted(set(indices))
+        by_index = dict(zip(order, taken))
+        return [by_index[i] for i in indices], self.norm(x)
+
+    def forward_tokens(self, tokens: torch.Tensor, pos: torch.Tensor, mask=None, is_causal: bool = False) -> torch.Tensor:
+        """Token sequences (B, L, C*p^3) with positions (B, L, 4) -> features (B, L, E)."""
+        x, _ = self.run_blocks(self.embed_tokens(tokens, pos), mask, is_causal)
+        return self.norm(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x)
+
+
+def _init_weights(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.xavier_uniform_(m.weight)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+# ---------------------------------------------------------------------------- AR-SSL4M
+
+
+class ARViT3D(nn.Module):
+    """The autoregressive pretraining model: encoder + learned start (and end) token + pixel head.
+
+    The transformer reads ``[start, t_0, ..., t_{L-1}]`` (and a learned end token when
+    ``use_end_token``); its output at the position of ``t_{j-1}`` (or of ``start`` for j = 0) is the
+    prediction of ``t_j``. With prefix length P, the start token and ``t_0..t_{P-1}`` attend to each
+    other in both directions and later tokens causally, so predictions of ``t_j`` for j >= P never see
+    ``t_j``; those for j < P do, and the loss excludes them. ``forward`` returns (B, L, C*p^3).
+    """
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = ViT3D(cfg)
+        self.start_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
+        self.end_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim)) if cfg.use_end_token else None
+        self.head = nn.Linear(cfg.embed_dim, cfg.token_dim)
+        nn.init.normal_(self.start_token, std=0.02)
+        if self.end_token is not None:
+            nn.init.normal_(self.end_token, std=0.02)
+        nn.init.xavier_uniform_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def no_weight_decay(self) -> set[str]:
+        names = {"start_token"} | {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
+        return names | ({"end_token"} if self.end_token is not None else set())
+
+    def forward(self, tokens: torch.Tensor, pos: torch.Tensor, prefix_len: torch.Tensor) -> torch.Tensor:
+        b, length, _ = tokens.shape
+        x = self.encoder.embed_tokens(tokens, pos)  # (B, L, E)
+        parts = [self.start_token.expand(b, -1, -1).to(x.dtype), x]
+        if self.end_token is not None:
+            parts.append(self.end_token.expand(b, -1, -1).to(x.dtype))
+        x = torch.cat(parts, dim=1)  # (B, 1 + L [+ 1], E)
+        prefix_len = prefix_len.to(x.device)
+        if bool((prefix_len == 0).all()):  # pure causal: SDPA's fused causal path, no mask tensor
+            mask, causal = None, True
+        else:
+            mask, causal = prefix_causal_mask(x.shape[1], prefix_len + 1, x.device), False
+        x, _ = self.encoder.run_blocks(x, mask, causal, prefix_len + 1)
+        x = self.encoder.norm(x[:, :length])  # outputs at start, t_0 .. t_{L-2}
+        return self.head(x)  # (B, L, C*p^3): prediction of t_0 .. t_{L-1}
+
+
+def build_ar_model(cfg: ViTConfig | str, **overrides: Any) -> ARViT3D:
+    """The AR-SSL4M model from a config or a preset name."""
+    cfg = vit_config(cfg, **overrides) if isinstance(cfg, str) else replace(cfg, **overrides)
+    return ARViT3D(cfg)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def flops_per_token(cfg: ViTConfig, seq_len: int, training: bool = True) -> float:
+    """Matmul FLOPs per token of the trunk (and embedding/head): 2 * params-in-matmuls + attention.
+
+    Training counts forward + backward as 3x forward (the usual 6 * N * tokens rule).
+    """
+    e, h = cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio)
+    per_layer = 2 * (3 * e * e + e * e + 2 * e * h) + 2 * 2 * seq_len * e  # qkv, proj, mlp; QK^T and AV
+    total = cfg.depth * per_layer + 2 * 2 * e * cfg.token_dim  # patch embedding + head
+    return total * (3 if training else 1)
+
+
+__all__ = ["ARViT3D", "Attention", "Block", "VIT_PRESETS", "ViT3D", "ViTConfig", "build_ar_model", "count_params",
+           "flops_per_token", "grid_positions", "prefix_causal_mask", "sincos_embed", "vit_config"]

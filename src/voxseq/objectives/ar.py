@@ -1,0 +1,36 @@
+"""The AR-SSL4M objective: next-token normalised-pixel regression after a random prefix."""
+
+from __future__ import annotations
+
+import torch
+
+
+def norm_pixel_target(target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Normalise each token by its own mean and variance: (x - mean) / sqrt(var + eps) (MAE's norm_pix)."""
+    mean = target.mean(dim=-1, keepdim=True)
+    var = target.var(dim=-1, keepdim=True, unbiased=False)
+    return (target - mean) / (var + eps).sqrt()
+
+
+def norm_pixel_loss(pred: torch.Tensor, target: torch.Tensor, loss_mask: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """MSE between predicted tokens (B, L, P) and per-token-normalised targets, over ``loss_mask`` (B, L).
+
+    Averaged over the voxels of every token where the mask is True; a batch without any such token
+    gives 0 (with a gradient) rather than NaN.
+    """
+    per_token = (pred.float() - norm_pixel_target(target.float(), eps)).pow(2).mean(dim=-1)  # (B, L)
+    m = loss_mask.to(per_token.dtype)
+    return (per_token * m).sum() / m.sum().clamp_min(1.0)
+
+
+def sample_prefix_len(batch: int, length: int, generator: torch.Generator | None = None,
+                      random_start: bool = True) -> torch.Tensor:
+    """Prefix lengths (B,) drawn uniformly in [0, L-1] (random start), or all 0 (pure causal training)."""
+    if not random_start:
+        return torch.zeros(batch, dtype=torch.long)
+    return torch.randint(0, length, (batch,), generator=generator)
+
+
+def prefix_loss_mask(prefix_len: torch.Tensor, length: int) -> torch.Tensor:
+    """(B, L) True for tokens after the prefix (index >= prefix_len): the ones the loss counts."""
+    return torch.arange(length, device=prefix_len.device)[None, :] >= prefix_len[:, None]

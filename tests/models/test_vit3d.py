@@ -1,0 +1,124 @@
+"""The 3D ViT and the AR model: masks, shapes, token/image equivalence, no peeking at targets."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from voxseq import VoxseqError
+from voxseq.models import ARViT3D, ViT3D, ViTConfig, prefix_causal_mask, sincos_embed, vit_config
+from voxseq.sequence import patchify
+
+TINY = dict(patch_size=4, embed_dim=32, depth=3, num_heads=2, mlp_ratio=2.0)
+
+
+def brute_force_mask(length: int, prefix: int) -> torch.Tensor:
+    m = torch.zeros(length, length, dtype=torch.bool)
+    for i, j in itertools.product(range(length), range(length)):
+        m[i, j] = (j <= i) or (i < prefix and j < prefix)
+    return m
+
+
+def test_prefix_causal_mask_exhaustive():
+    for length in range(1, 7):
+        for prefixes in itertools.product(range(length + 1), repeat=2):  # two batch elements, own prefixes
+            got = prefix_causal_mask(length, torch.tensor(prefixes))
+            assert got.shape == (2, 1, length, length)
+            for b, p in enumerate(prefixes):
+                assert torch.equal(got[b, 0], brute_force_mask(length, p)), (length, p)
+
+
+def test_presets():
+    base = vit_config("base")
+    assert (base.depth, base.embed_dim, base.num_heads, int(base.embed_dim * base.mlp_ratio)) == (12, 768, 12, 3072)
+    assert vit_config("large").depth == 24 and vit_config("small").embed_dim == 384
+    with pytest.raises(VoxseqError, match="unknown model preset"):
+        vit_config("huge")
+    with pytest.raises(VoxseqError, match="divisible"):
+        ViTConfig(embed_dim=30, num_heads=4)
+
+
+def test_sincos_tells_subvolumes_apart():
+    pos = torch.tensor([[0, 1, 2, 3], [1, 1, 2, 3], [0, 1.5, 2, 3]])
+    e = sincos_embed(pos, 32)
+    assert e.shape == (3, 32)
+    assert not torch.allclose(e[0], e[1]) and not torch.allclose(e[0], e[2])
+    assert torch.allclose(e[0, 8:], e[1, 8:])  # only the sub-volume quarter differs
+
+
+def test_image_and_token_paths_share_weights():
+    torch.manual_seed(0)
+    enc = ViT3D(ViTConfig(**TINY)).eval()
+    x = torch.randn(2, 1, 8, 12, 16)
+    a = enc.forward_features(x)
+    grid = (2, 3, 4)
+    zz, yy, xx = torch.meshgrid(*[torch.arange(g) for g in grid], indexing="ij")
+    pos = torch.stack([torch.zeros_like(zz), zz, yy, xx], -1).reshape(1, -1, 4).float().expand(2, -1, -1)
+    b = enc.forward_tokens(patchify(x, 4), pos)
+    assert a.shape == (2, 24, 32) and torch.allclose(a, b, atol=1e-5)
+
+
+def test_forward_intermediates_and_any_size():
+    enc = ViT3D(ViTConfig(**TINY)).eval()
+    x = torch.randn(1, 1, 4, 8, 20)
+    inter, final = enc.forward_intermediates(x, [0, 2])
+    assert len(inter) == 2 and inter[0].shape == (1, 10, 32)
+    assert torch.allclose(enc.norm(inter[1]), final, atol=1e-6)  # the last block's output, normalised
+    with pytest.raises(VoxseqError, match="multiple of the patch"):
+        enc.forward_features(torch.randn(1, 1, 5, 8, 8))
+    with pytest.raises(VoxseqError, match="outside"):
+        enc.forward_intermediates(x, [3])
+
+
+@pytest.mark.parametrize("use_end", [False, True])
+def test_ar_predictions_never_see_their_target(use_end):
+    """Changing token j changes no prediction of a token i <= j after the prefix."""
+    torch.manual_seed(0)
+    model = ARViT3D(ViTConfig(**TINY, use_end_token=use_end)).eval()
+    L = 8
+    tokens = torch.randn(1, L, 64)
+    pos = torch.rand(1, L, 4) * 3
+    for prefix in range(L):
+        p = torch.tensor([prefix])
+        base = model(tokens, pos, p)
+        assert base.shape == (1, L, 64)
+        for j in range(prefix, L):
+            t2 = tokens.clone()
+            t2[0, j] += 5.0
+            out = model(t2, pos, p)
+            unchanged = (out - base).abs().amax(-1)[0] < 1e-5
+            assert unchanged[: j + 1].all(), (prefix, j)  # predictions of t_0..t_j do not depend on t_j
+            if j + 1 < L:
+                assert not unchanged[j + 1]  # the next prediction does
+
+
+def test_prefix_is_bidirectional():
+    """Inside the prefix, an early prediction depends on later prefix tokens (bidirectional)."""
+    torch.manual_seed(0)
+    model = ARViT3D(ViTConfig(**TINY)).eval()
+    tokens, pos = torch.randn(1, 6, 64), torch.rand(1, 6, 4)
+    base = model(tokens, pos, torch.tensor([4]))
+    t2 = tokens.clone()
+    t2[0, 3] += 5
+    out = model(t2, pos, torch.tensor([4]))
+    assert (out[0, 0] - base[0, 0]).abs().max() > 1e-4  # prediction from `start` sees t_3 in the prefix
+
+
+def test_per_sample_prefix_matches_single():
+    torch.manual_seed(0)
+    model = ARViT3D(ViTConfig(**TINY)).eval()
+    tokens, pos = torch.randn(2, 6, 64), torch.rand(2, 6, 4)
+    both = model(tokens, pos, torch.tensor([0, 3]))
+    assert torch.allclose(both[0], model(tokens[:1], pos[:1], torch.tensor([0]))[0], atol=1e-5)
+    assert torch.allclose(both[1], model(tokens[1:], pos[1:], torch.tensor([3]))[0], atol=1e-5)
+
+
+def test_encoder_keys_load_into_bare_vit():
+    model = ARViT3D(ViTConfig(**TINY))
+    enc_state = {k[len("encoder."):]: v for k, v in model.state_dict().items() if k.startswith("encoder.")}
+    fresh = ViT3D(ViTConfig(**TINY))
+    missing, unexpected = fresh.load_state_dict(enc_state)
+    assert not missing and not unexpected
+    assert "start_token" in model.no_weight_decay()
