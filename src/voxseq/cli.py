@@ -119,6 +119,29 @@ def phantoms(
     typer.echo(f"wrote {n_ct} CT and {n_mri} MRI phantoms -> {manifest}")
 
 
+# ---------------------------------------------------------------------------- pretrain
+
+
+@pretrain_app.command("ar")
+def pretrain_ar(
+    config: Path = typer.Option(..., "--config", "-c", help="YAML config (see configs/ar_tiny.yaml, configs/ar_vit_b.yaml)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder: config, metrics.jsonl, checkpoints, plots."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the run folder's latest checkpoint."),
+    overrides: List[str] = typer.Argument(None, help="Config overrides key=value, dotted for nested fields (model.depth=4)."),
+) -> None:
+    """Autoregressive pretraining (AR-SSL4M) of a 3D ViT on token sequences."""
+    from voxseq.tasks.pretrain_ar import load_ar_config, run_pretrain_ar
+
+    cfg = load_ar_config(config, list(overrides or []))
+    summary = run_pretrain_ar(cfg, out, resume=resume)
+    if summary.get("first_loss") is not None:
+        drop = 1 - summary["last_loss"] / summary["first_loss"]
+        typer.echo(f"trained to step {summary['steps']} in {summary['seconds']:.0f} s: loss {summary['first_loss']:.4f} -> "
+                   f"{summary['last_loss']:.4f} ({drop:+.0%} drop) -> {out}")
+    else:
+        typer.echo(f"{out}: {summary.get('message', 'nothing to do')}")
+
+
 # ---------------------------------------------------------------------------- manifest
 
 

@@ -1,0 +1,1 @@
+"""Training infrastructure shared by every task: checkpoints, optimisers, distributed, metrics, plots."""

@@ -1,0 +1,98 @@
+"""Where a training task's volumes come from: an existing cache, a manifest/dataset folder, synthetic
+phantoms and/or the bundled real samples, prepared once into a cache that later runs reuse."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from voxseq import VoxseqError
+from voxseq.data.cache import Cache, prepare_cache
+from voxseq.data.manifest import Record
+from voxseq.data.preprocess import Preprocess
+
+SAMPLE_NAMES = ("lung1", "brain1", "breast1")
+
+
+@dataclass
+class PhantomConfig:
+    n_ct: int = 0
+    n_mri: int = 0
+    seed: int = 0
+    size_xy: int = 128
+    max_slices: int = 160
+
+
+@dataclass
+class DataConfig:
+    """``cache``: a cache folder to use (built here when missing); default ``RUN_DIR/cache``.
+    ``source``: a manifest (.jsonl), CSV or dataset folder to prepare; ``phantoms`` and ``samples``
+    add synthetic phantoms and the bundled real sample volumes."""
+
+    cache: str | None = None
+    source: str | None = None
+    phantoms: PhantomConfig = field(default_factory=PhantomConfig)
+    samples: bool = False
+    split: str | None = None  # read only this split of the cache (None: all)
+    preprocess: Preprocess = field(default_factory=Preprocess)
+    workers: int = 2  # prepare processes
+    loader_workers: int = 0  # DataLoader worker processes
+
+
+def bundled_samples_dir() -> Path:
+    """The real sample volumes shipped in the repository (``data/samples``)."""
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        cand = parent / "data" / "samples"
+        if (cand / "lung1_image.nrrd").is_file():
+            return cand
+    raise VoxseqError("the bundled sample volumes (data/samples) are not found: install voxseq from a clone "
+                      "of its repository (pip install -e .) or set data.samples=false")
+
+
+def sample_records() -> list[Record]:
+    d = bundled_samples_dir()
+    return [Record(id=f"sample_{n}", images={"image": str(d / f"{n}_image.nrrd")}, label=str(d / f"{n}_label.nrrd"))
+            for n in SAMPLE_NAMES]
+
+
+def gather_records(cfg: DataConfig, work_dir: Path, progress: bool = True) -> list[Record]:
+    from voxseq.tasks.prepare import load_records
+
+    records: list[Record] = []
+    if cfg.source:
+        records += load_records(cfg.source)
+    if cfg.phantoms.n_ct or cfg.phantoms.n_mri:
+        from voxseq.data.manifest import read_manifest
+        from voxseq.data.phantoms import write_phantoms
+
+        pc = cfg.phantoms
+        folder = work_dir / f"phantoms_ct{pc.n_ct}_mri{pc.n_mri}_seed{pc.seed}_{pc.size_xy}"
+        manifest = folder / "manifest.jsonl"
+        if not manifest.is_file():
+            write_phantoms(folder, n_ct=pc.n_ct, n_mri=pc.n_mri, seed=pc.seed, size_xy=pc.size_xy,
+                           max_slices=pc.max_slices, progress=progress)
+        records += read_manifest(manifest)
+    if cfg.samples:
+        records += sample_records()
+    if not records:
+        raise VoxseqError("no training data: set data.cache to a prepared cache, data.source to a manifest or "
+                          "dataset folder, data.phantoms, or data.samples=true")
+    return records
+
+
+def ensure_cache(cfg: DataConfig, run_dir: Path, progress: bool = True) -> Path:
+    """The cache folder to train from, preparing (or completing) it first when needed."""
+    path = Path(cfg.cache) if cfg.cache else run_dir / "cache"
+    if (path / "index.jsonl").is_file() and not (cfg.source or cfg.samples or cfg.phantoms.n_ct or cfg.phantoms.n_mri):
+        return path  # a ready cache, nothing to add
+    records = gather_records(cfg, path.parent, progress)
+    prepare_cache(records, path, cfg.preprocess, workers=cfg.workers, progress=progress)
+    return path
+
+
+def open_cache(path: Path, split: str | None) -> Cache:
+    cache = Cache(path, split=split)
+    if len(cache) == 0:
+        raise VoxseqError(f"{path}: no volumes{f' in split {split!r}' if split else ''}")
+    return cache

@@ -1,0 +1,258 @@
+"""`voxseq pretrain ar`: autoregressive pretraining of the 3D ViT on token sequences (AR-SSL4M).
+
+Wires the cache (data), the sequence sampler, the AR model and the norm-pixel objective into one
+training loop: AdamW (no decay on norms, biases, special tokens), warmup + cosine, gradient clipping
+and accumulation, bf16 autocast on GPUs, optional torch.compile, DDP/FSDP2 under torchrun, atomic
+checkpoints and exact resume.
+
+Exact resume: sequences depend only on their global index, prefix lengths on (seed, step, rank),
+the schedule on the step, and the model/optimiser/RNG states are restored, so the steps after
+``--resume`` reproduce an uninterrupted run's losses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from voxseq import VoxseqError
+from voxseq.config import from_dict, load_config, save_yaml, to_dict
+from voxseq.models.vit3d import ARViT3D, ViTConfig, count_params, flops_per_token
+from voxseq.objectives.ar import norm_pixel_loss, prefix_loss_mask
+from voxseq.sequence import ResumableSampler, SequenceConfig, SequenceDataset, collate_sequences
+from voxseq.tasks.data import DataConfig, ensure_cache, open_cache
+from voxseq.train import distributed as dist_utils
+from voxseq.train.checkpoint import get_rng_state, load_checkpoint, load_state_dict_checked, save_checkpoint, set_rng_state
+from voxseq.train.metrics import MetricsLogger, Progress, read_metrics
+from voxseq.train.optim import build_optimizer, param_groups, set_lr, warmup_cosine
+
+
+@dataclass
+class ARPretrainConfig:
+    name: str = "ar"
+    model: ViTConfig = field(default_factory=ViTConfig)
+    sequence: SequenceConfig = field(default_factory=SequenceConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    batch_size: int = 8  # per process, per micro-step
+    grad_accum: int = 1
+    max_steps: int = 1000
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.01
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    grad_clip: float = 1.0
+    random_start: bool = True  # prefix length ~ U[0, L-1]; False: pure causal (the paper's ablation)
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    compile: bool = False
+    distributed: str = "ddp"  # ddp | fsdp2 (under torchrun)
+    device: str = "auto"
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    log_every: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.sequence.patch_size != self.model.patch_size:
+            raise VoxseqError(f"sequence.patch_size {self.sequence.patch_size} != model.patch_size {self.model.patch_size}")
+        if self.model.in_chans != 1:
+            raise VoxseqError("AR pretraining cuts single-channel sub-volumes: model.in_chans must be 1")
+        for name in ("batch_size", "grad_accum", "max_steps", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise VoxseqError(f"{name} must be >= 1, not {getattr(self, name)}")
+
+
+def load_ar_config(path: str | Path | None, overrides: list[str] | None = None) -> ARPretrainConfig:
+    return load_config(ARPretrainConfig, path, overrides)
+
+
+def prefix_for_step(cfg: ARPretrainConfig, step: int, micro: int, rank: int, batch: int, length: int) -> torch.Tensor:
+    """Prefix lengths of one micro-batch, a function of (seed, step, micro-step, rank) only."""
+    if not cfg.random_start:
+        return torch.zeros(batch, dtype=torch.long)
+    g = torch.Generator().manual_seed(hash((cfg.seed, step, micro, rank)) % (2**63))
+    return torch.randint(0, length, (batch,), generator=g)
+
+
+def _batches(loader):
+    while True:
+        yield from loader
+
+
+def run_pretrain_ar(cfg: ARPretrainConfig, out: str | Path, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train; returns a summary (first/last loss, steps, seconds, run folder)."""
+    rank, world, _ = dist_utils.init_distributed()
+    main = rank == 0
+    device = dist_utils.pick_device(cfg.device)
+    run_dir = Path(out)
+    torch.manual_seed(cfg.seed + rank)
+
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cache_path = ensure_cache(cfg.data, run_dir, progress)
+    dist_utils.barrier()
+    cache_path = Path(cfg.data.cache) if cfg.data.cache else run_dir / "cache"
+    source = open_cache(cache_path, cfg.data.split)
+    dataset = SequenceDataset(source, cfg.sequence)
+    seq_len = cfg.sequence.seq_len(dataset.kinds[0])
+
+    model = ARViT3D(cfg.model).to(device)
+    optimizer = build_optimizer(param_groups(model, cfg.weight_decay), cfg.lr, cfg.betas)
+    start = 0
+    if resume:
+        ck = _resume(run_dir, model, optimizer)
+        if ck is not None:
+            start = ck
+    elif (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").glob("model_*.json")):
+        raise VoxseqError(f"{run_dir} already holds checkpoints: pass --resume to continue, or choose another --out")
+    if main:
+        save_yaml({**to_dict(cfg), "preprocess": to_dict(source.preprocess)}, run_dir / "config.yaml")
+    if start >= cfg.max_steps:
+        return {"run_dir": str(run_dir), "steps": start, "message": "already finished"}
+
+    net = dist_utils.wrap_model(model, cfg.distributed, device)
+    if cfg.compile:
+        net = torch.compile(net)
+    per_step = cfg.batch_size * cfg.grad_accum
+    sampler = ResumableSampler(start=start * per_step * world, world_size=world, rank=rank)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler,
+                                         num_workers=cfg.data.loader_workers, collate_fn=collate_sequences,
+                                         pin_memory=device.type == "cuda", persistent_workers=cfg.data.loader_workers > 0)
+    batches = _batches(loader)
+    logger = MetricsLogger(run_dir, resume_step=start - 1 if resume else None, enabled=main)
+    bar = Progress(cfg.max_steps, start, f"pretrain ar ({count_params(model) / 1e6:.1f}M params)", enabled=main and progress)
+    meta = {"task": "pretrain-ar", "config": to_dict(cfg), "preprocess": to_dict(source.preprocess),
+            "model": to_dict(cfg.model), "model_class": "ARViT3D"}
+    flops_tok = flops_per_token(cfg.model, seq_len + 1)
+    first_loss = last_loss = None
+    t_run = time.perf_counter()
+    try:
+        for step in range(start, cfg.max_steps):
+            t0 = time.perf_counter()
+            lr = set_lr(optimizer, cfg.lr, warmup_cosine(step, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
+            loss_sum, tokens = 0.0, 0
+            for micro in range(cfg.grad_accum):
+                batch = next(batches)
+                x = batch["tokens"].to(device, non_blocking=True)  # (B, L, p^3)
+                pos = batch["pos"].to(device, non_blocking=True)  # (B, L, 4)
+                b, length, _ = x.shape
+                prefix = prefix_for_step(cfg, step, micro, rank, b, length).to(device)
+                mask = prefix_loss_mask(prefix, length) & batch["valid"].to(device)
+                sync = micro == cfg.grad_accum - 1 or not hasattr(net, "no_sync")
+                ctx = net.no_sync() if not sync else contextlib.nullcontext()
+                with ctx, dist_utils.autocast_context(device, cfg.precision):
+                    pred = net(x, pos, prefix)
+                    loss = norm_pixel_loss(pred, x, mask)
+                (loss / cfg.grad_accum).backward()
+                loss_sum += loss.item()
+                tokens += b * length
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(0.0)
+            if not torch.isfinite(grad_norm):
+                raise VoxseqError(f"step {step}: non-finite gradient norm; lower the learning rate")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_val = float(dist_utils.all_reduce_mean(torch.tensor(loss_sum / cfg.grad_accum)))
+            dt = time.perf_counter() - t0
+            tok_s = tokens * world / dt
+            first_loss = loss_val if first_loss is None else first_loss
+            last_loss = loss_val
+            if step % cfg.log_every == 0 or step == cfg.max_steps - 1:
+                logger.log({"step": step, "loss": loss_val, "lr": lr, "tokens_per_s": tok_s, "grad_norm": float(grad_norm),
+                            "step_time_s": dt, "model_tflops": tok_s * flops_tok / 1e12})
+            bar.update(step + 1, loss=loss_val, lr=lr, tok_s=tok_s)
+            done = step + 1
+            if main and (done % cfg.checkpoint_every == 0 or done == cfg.max_steps):
+                save_checkpoint(run_dir, done, model, keep_last=cfg.keep_checkpoints, meta=meta,
+                                training_state={"optimizer": optimizer.state_dict(), "rng": get_rng_state(), "step": done,
+                                                "sampler": sampler.state_dict()})
+            dist_utils.barrier()
+    finally:
+        bar.close()
+        logger.close()
+    seconds = time.perf_counter() - t_run
+    if main:
+        make_ar_plots(run_dir, model, dataset, device)
+    return {"run_dir": str(run_dir), "steps": cfg.max_steps, "first_loss": first_loss, "last_loss": last_loss,
+            "seconds": seconds}
+
+
+def _resume(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int | None:
+    """Restore model, optimiser and RNG from the run's latest checkpoint; returns its step."""
+    if not (run_dir / "checkpoints").is_dir():
+        return None
+    ck = load_checkpoint(run_dir)
+    load_state_dict_checked(model, ck.state_dict, strict=True)  # same run, same model: everything must fit
+    state = ck.training_state()
+    optimizer.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"])
+    return ck.step
+
+
+# ---------------------------------------------------------------------------- figures
+
+
+def make_ar_plots(run_dir: Path, model: ARViT3D, dataset: SequenceDataset, device: torch.device) -> list[Path]:
+    """loss_curve.png from metrics.jsonl and reconstruction.png: input slices next to predicted tokens."""
+    from voxseq.train.plots import plot_loss_curve
+
+    paths = [plot_loss_curve(read_metrics(run_dir), run_dir / "plots" / "loss_curve.png", title="AR pretraining loss")]
+    paths.append(plot_reconstruction(model, dataset, run_dir / "plots" / "reconstruction.png", device))
+    return paths
+
+
+@torch.no_grad()
+def predict_sequence(model: ARViT3D, item: dict[str, Any], prefix: int, device) -> torch.Tensor:
+    """Predicted tokens in pixel units: the normalised prediction mapped back with each target's mean/std."""
+    model.eval()
+    x = item["tokens"][None].to(device)
+    pred = model(x, item["pos"][None].to(device), torch.tensor([prefix], device=device)).float()
+    mean = x.mean(-1, keepdim=True)
+    std = (x.var(-1, keepdim=True, unbiased=False) + 1e-6).sqrt()
+    model.train()
+    return (pred * std + mean)[0].cpu()
+
+
+def plot_reconstruction(model: ARViT3D, dataset: SequenceDataset, path: Path, device, index: int = 0) -> Path:
+    """For one sequence, the middle slice of each sub-volume (input) next to the model's next-token
+    predictions given the first sub-volume as prefix."""
+    from voxseq.sequence import unpatchify
+    from voxseq.train.plots import _plt
+
+    plt = _plt()
+    cfg = dataset.cfg
+    item = dataset[index]
+    k = cfg.tokens_per_subvolume
+    n = item["tokens"].shape[0] // k
+    pred = predict_sequence(model, item, prefix=k, device=device)
+    p, grid = cfg.patch_size, cfg.grid
+    inp = unpatchify(item["tokens"].reshape(n, k, -1), p, grid)[:, 0]  # (n, D, H, W)
+    rec = unpatchify(pred.reshape(n, k, -1), p, grid)[:, 0]
+    fig, axes = plt.subplots(2, n, figsize=(2.6 * n, 5.4), dpi=110, squeeze=False)
+    mid = inp.shape[1] // 2
+    lo, hi = float(inp.min()), float(inp.max())
+    for i in range(n):
+        axes[0, i].imshow(inp[i, mid], cmap="gray", vmin=lo, vmax=hi)
+        axes[0, i].set_title(f"input {i}" + (" (prefix)" if i == 0 else ""), fontsize=9)
+        axes[1, i].imshow(rec[i, mid], cmap="gray", vmin=lo, vmax=hi)
+        axes[1, i].set_title("prefix (not predicted)" if i == 0 else f"predicted {i}", fontsize=9)
+        for a in axes[:, i]:
+            a.axis("off")
+    fig.suptitle(f"{['spatial', 'contrast', 'semantic'][item['kind']]} sequence: inputs and next-token predictions")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def config_from_checkpoint_meta(meta: dict[str, Any]) -> ARPretrainConfig:
+    return from_dict(ARPretrainConfig, meta["config"])
+
+
+__all__ = ["ARPretrainConfig", "config_from_checkpoint_meta", "load_ar_config", "make_ar_plots", "plot_reconstruction",
+           "predict_sequence", "run_pretrain_ar"]

@@ -1,0 +1,264 @@
+"""Checkpoints: safetensors weights + a JSON of the full config + training state, written atomically.
+
+Layout inside a run folder (nanoGPT-like ``model_<step>`` + metadata)::
+
+    RUN_DIR/checkpoints/model_00000030.safetensors   weights (no pickle, loads anywhere)
+    RUN_DIR/checkpoints/optim_00000030.pt            optimiser, scheduler, RNG and sampler state
+    RUN_DIR/checkpoints/model_00000030.json          step, config, preprocessing, checksums; written
+                                                     last, so its presence marks a complete checkpoint
+
+Loading never unpickles arbitrary objects: weights come from safetensors and the training state
+through ``torch.load(weights_only=True)``, which refuses anything but tensors and plain containers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from voxseq import VoxseqError, __version__
+
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic(path: Path, write) -> None:
+    """Write through ``write(tmp_path)``, fsync, rename into place, fsync the folder."""
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    write(tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The bare module inside DDP / FSDP / torch.compile wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strip wrapper prefixes (``module.``, ``_orig_mod.``) that DDP and torch.compile add to keys."""
+    out = {}
+    for k, v in state.items():
+        changed = True
+        while changed:
+            changed = False
+            for p in WRAPPER_PREFIXES:
+                if k.startswith(p):
+                    k, changed = k[len(p):], True
+        out[k] = v
+    return out
+
+
+def get_rng_state() -> dict[str, Any]:
+    state = {"python": list(random.getstate()[1]), "python_pos": random.getstate()[2],
+             "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+             "numpy_pos": int(np.random.get_state()[2]), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate((3, tuple(int(x) for x in state["python"]), state["python_pos"]))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_paths(folder: Path, step: int) -> tuple[Path, Path, Path]:
+    return (folder / f"model_{step:08d}.safetensors", folder / f"optim_{step:08d}.pt", folder / f"model_{step:08d}.json")
+
+
+def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, *, training_state: dict[str, Any] | None = None,
+                    meta: dict[str, Any] | None = None, keep_last: int = 3) -> Path:
+    """Write weights, training state and metadata for ``step``; keep the newest ``keep_last``.
+
+    ``training_state`` (optimiser/scheduler state dicts, RNG, sampler...) must hold only tensors and
+    plain Python containers/numbers/strings. Returns the metadata path.
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(run_dir) / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    weights_path, optim_path, meta_path = checkpoint_paths(folder, step)
+    state = {k: v.detach().contiguous().cpu() for k, v in clean_state_dict(unwrap_model(model).state_dict()).items()}
+    _atomic(weights_path, lambda p: save_file(state, str(p)))
+    sums = {weights_path.name: _sha256(weights_path)}
+    if training_state is not None:
+        _atomic(optim_path, lambda p: torch.save(training_state, p))
+        sums[optim_path.name] = _sha256(optim_path)
+    info = {"step": step, "voxseq_version": __version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "sha256": sums, **(meta or {})}
+    _atomic(meta_path, lambda p: p.write_text(json.dumps(info, indent=1)))
+    _prune(folder, keep_last)
+    return meta_path
+
+
+def _steps(folder: Path) -> list[int]:
+    return sorted(int(p.stem.split("_")[1]) for p in folder.glob("model_*.json"))
+
+
+def _prune(folder: Path, keep_last: int) -> None:
+    for step in _steps(folder)[:-keep_last] if keep_last > 0 else []:
+        for p in checkpoint_paths(folder, step)[::-1]:  # metadata first: the checkpoint stops counting at once
+            p.unlink(missing_ok=True)
+
+
+def latest_checkpoint(path: str | os.PathLike, verify: bool = True) -> Path | None:
+    """The metadata file of a checkpoint: ``path`` itself (a .json or .safetensors of one), or the
+    newest complete one in a run folder (or its ``checkpoints/``). Incomplete or corrupt ones are skipped."""
+    p = Path(path)
+    if p.is_file():
+        meta = p.with_suffix(".json") if p.suffix == ".safetensors" else p
+        if not meta.is_file():
+            raise VoxseqError(f"{p}: no metadata file {meta.name} next to it (incomplete checkpoint)")
+        return meta
+    folder = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+    if not folder.is_dir():
+        raise VoxseqError(f"{p}: no such checkpoint or run folder")
+    for step in reversed(_steps(folder)):
+        meta = checkpoint_paths(folder, step)[2]
+        try:
+            _verify(meta) if verify else None
+            return meta
+        except VoxseqError as e:
+            import warnings
+
+            warnings.warn(f"skipping checkpoint: {e}", stacklevel=2)
+    return None
+
+
+def _verify(meta_path: Path) -> dict[str, Any]:
+    try:
+        info = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, OSError) as e:
+        raise VoxseqError(f"{meta_path}: unreadable checkpoint metadata ({e})") from None
+    for name, digest in info.get("sha256", {}).items():
+        f = meta_path.parent / name
+        if not f.is_file():
+            raise VoxseqError(f"{f}: missing (checkpoint incomplete)")
+        if _sha256(f) != digest:
+            raise VoxseqError(f"{f}: checksum mismatch (corrupt checkpoint file)")
+    return info
+
+
+@dataclass
+class Checkpoint:
+    path: Path  # the metadata file
+    meta: dict[str, Any]
+    state_dict: dict[str, torch.Tensor]
+
+    @property
+    def step(self) -> int:
+        return int(self.meta["step"])
+
+    def training_state(self) -> dict[str, Any]:
+        """Optimiser/scheduler/RNG/sampler state, loaded with ``weights_only=True`` (no arbitrary code)."""
+        path = checkpoint_paths(self.path.parent, self.step)[1]
+        if not path.is_file():
+            raise VoxseqError(f"{path}: this checkpoint has no training state to resume from")
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - pickle errors come in many types
+            raise VoxseqError(f"{path}: refused to load training state ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200]})") from None
+
+
+def load_checkpoint(path: str | os.PathLike, verify: bool = True) -> Checkpoint:
+    """Load a checkpoint (file or run folder -> its latest); checksums verified unless ``verify=False``."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    meta_path = latest_checkpoint(path, verify=False)
+    if meta_path is None:
+        raise VoxseqError(f"{path}: no complete checkpoint in this run folder")
+    info = _verify(meta_path) if verify else json.loads(meta_path.read_text())
+    weights = checkpoint_paths(meta_path.parent, int(info["step"]))[0]
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise VoxseqError(f"{weights}: not a readable safetensors file ({e})") from None
+    return Checkpoint(meta_path, info, state)
+
+
+@dataclass
+class LoadReport:
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)  # (key, checkpoint shape, model shape)
+
+    def summary(self) -> str:
+        lines = [f"loaded {len(self.loaded)} tensors; missing {len(self.missing)}, unexpected {len(self.unexpected)}, "
+                 f"shape-mismatched {len(self.mismatched)}"]
+        for title, items in (("missing", self.missing), ("unexpected", self.unexpected)):
+            if items:
+                lines.append(f"  {title}: {', '.join(items[:12])}{' ...' if len(items) > 12 else ''}")
+        for k, a, b in self.mismatched[:12]:
+            lines.append(f"  shape mismatch {k}: checkpoint {tuple(a)} vs model {tuple(b)}")
+        return "\n".join(lines)
+
+
+def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], *, prefix_map: dict[str, str] | None = None,
+                            strict: bool = False) -> LoadReport:
+    """Load what fits, report what does not. ``prefix_map`` renames key prefixes (``{"encoder.": ""}``)."""
+    state = clean_state_dict(state)
+    if prefix_map:
+        renamed = {}
+        for k, v in state.items():
+            for old, new in prefix_map.items():
+                if k.startswith(old):
+                    k = new + k[len(old):]
+                    break
+            renamed[k] = v
+        state = renamed
+    own = model.state_dict()
+    report = LoadReport()
+    usable = {}
+    for k, v in state.items():
+        if k not in own:
+            report.unexpected.append(k)
+        elif tuple(own[k].shape) != tuple(v.shape):
+            report.mismatched.append((k, tuple(v.shape), tuple(own[k].shape)))
+        else:
+            usable[k] = v
+            report.loaded.append(k)
+    report.missing = [k for k in own if k not in usable and k not in {m[0] for m in report.mismatched}]
+    if strict and (report.missing or report.unexpected or report.mismatched):
+        raise VoxseqError("checkpoint does not fit the model:\n" + report.summary())
+    model.load_state_dict(usable, strict=False)
+    return report

@@ -1,0 +1,79 @@
+"""Run folders, metrics.jsonl and progress bars."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLogger:
+    """Appends one JSON object per logged step to ``RUN_DIR/metrics.jsonl`` (flushed each line).
+
+    ``resume_step``: rows with a step beyond it (written after the checkpoint we resume from) are
+    dropped, so the file holds each step once and matches an uninterrupted run.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, resume_step: int | None = None, enabled: bool = True):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.enabled = enabled
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            self.path.write_text("")
+        elif self.path.exists():
+            rows = [r for r in read_metrics(self.path.parent) if r.get("step", -1) <= resume_step]
+            tmp = self.path.with_name(".tmp-metrics.jsonl")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            os.replace(tmp, self.path)
+        self._f = open(self.path, "a")
+
+    def log(self, row: dict[str, Any]) -> None:
+        if self.enabled:
+            self._f.write(json.dumps(row) + "\n")
+            self._f.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._f.close()
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a crash
+                continue
+    return rows
+
+
+class Progress:
+    """A rich progress bar over training steps showing loss, lr and throughput (silent when disabled)."""
+
+    def __init__(self, total: int, start: int = 0, description: str = "train", enabled: bool = True):
+        self.enabled = enabled
+        if not enabled:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import Progress as RichProgress
+
+        self.bar = RichProgress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
+        self.bar.start()
+        self.task = self.bar.add_task(description, total=total, completed=start, info="")
+
+    def update(self, step: int, **info: float) -> None:
+        if self.enabled:
+            text = "  ".join(f"{k} {v:.4g}" for k, v in info.items())
+            self.bar.update(self.task, completed=step, info=text)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.bar.stop()
