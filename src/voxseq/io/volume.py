@@ -292,6 +292,7 @@ def _read_numpy(path: Path, spacing: Sequence[float] | None) -> Volume:
         raise VolumeReadError(path, f"has dtype {array.dtype}; expected a numeric array")
     meta = {"path": str(path), "format": "numpy", "source_orientation": CANONICAL_ORIENTATION,
             "source_size_xyz": list(array.shape[-3:][::-1]), "source_spacing_xyz": [float(s) for s in spacing],
+            "source_origin_xyz": [0.0, 0.0, 0.0], "source_direction": [1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0],
             "source_dtype": str(array.dtype)}
     return Volume(array, tuple(float(s) for s in spacing), meta=meta)  # type: ignore[arg-type]
 
@@ -318,7 +319,8 @@ def read_volume(path: str | os.PathLike, *, spacing: Sequence[float] | None = No
 
     Formats: ``.nii``/``.nii.gz``, ``.nrrd``/``.nhdr``, ``.mha``/``.mhd``, a folder holding a DICOM
     series (the largest series when there are several, unless ``series_uid`` names one; slices sorted
-    by position; rescale slope/intercept applied), ``.npy``/``.npz`` (already (Z, Y, X), with
+    by position; rescale slope/intercept applied), a folder of 16-bit PNG slices (DeepLesion; needs
+    ``spacing``), ``.npy``/``.npz`` (already (Z, Y, X), with
     ``spacing`` in (x, y, z) mm). ``nonfinite``: ``"error"`` (default) refuses NaN/Inf voxels,
     ``"zero"`` replaces them with 0.
 
@@ -327,7 +329,9 @@ def read_volume(path: str | os.PathLike, *, spacing: Sequence[float] | None = No
     path = Path(path)
     _check_file(path)
     if path.is_dir():
-        volume = _read_dicom_series(path, series_uid)
+        from voxseq.io.png_series import is_png_series, read_png_series
+
+        volume = read_png_series(path, spacing) if is_png_series(path) else _read_dicom_series(path, series_uid)
     else:
         suffix = _path_suffix(path)
         if suffix in NUMPY_SUFFIXES:
