@@ -156,7 +156,7 @@ def manifest(
     from voxseq.data.manifest import write_manifest
 
     kind = adapter or detect_dataset(root)
-    records = build_manifest(kind, root)
+    records = build_manifest(kind, root.resolve())  # absolute paths: the manifest may live anywhere
     write_manifest(records, out)
     splits = {s: sum(r.split == s for r in records) for s in ("train", "val", "test")}
     typer.echo(f"{kind}: {len(records)} record(s) {splits} -> {out}")
