@@ -39,15 +39,18 @@ class DataConfig:
     loader_workers: int = 0  # DataLoader worker processes
 
 
+def repo_path(relative: str) -> Path:
+    """A file or folder shipped in the voxseq repository (``data/samples``, ``configs/...``)."""
+    for parent in Path(__file__).resolve().parents:
+        if (parent / relative).exists() and (parent / "pyproject.toml").is_file():
+            return parent / relative
+    raise VoxseqError(f"{relative} is not found: it ships with the voxseq repository; install voxseq from a clone "
+                      "(pip install -e .)")
+
+
 def bundled_samples_dir() -> Path:
     """The real sample volumes shipped in the repository (``data/samples``)."""
-    here = Path(__file__).resolve()
-    for parent in here.parents:
-        cand = parent / "data" / "samples"
-        if (cand / "lung1_image.nrrd").is_file():
-            return cand
-    raise VoxseqError("the bundled sample volumes (data/samples) are not found: install voxseq from a clone "
-                      "of its repository (pip install -e .) or set data.samples=false")
+    return repo_path("data/samples")
 
 
 def sample_records() -> list[Record]:
