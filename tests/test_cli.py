@@ -122,3 +122,12 @@ def test_unreadable_file(tmp_path, samples):
     p.chmod(0)
     r = run("info", p)
     assert r.returncode == 2 and "permission denied" in r.stderr
+
+
+def test_phantoms_command_writes_a_manifest(tmp_path):
+    r = run("phantoms", "--out", tmp_path / "ph", "--n-ct", "1", "--n-mri", "1")
+    assert r.returncode == 0, r.stderr
+    lines = (tmp_path / "ph" / "manifest.jsonl").read_text().splitlines()
+    assert [json.loads(x)["id"] for x in lines] == ["ct_000", "mri_000"]
+    info = run("info", "--json", tmp_path / "ph" / "ct_000_image.nii.gz")
+    assert json.loads(info.stdout)["dtype"] == "int16"

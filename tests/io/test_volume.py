@@ -208,3 +208,14 @@ def test_unreadable_file(tmp_path, samples):
 def test_volume_properties():
     v = Volume(np.zeros((2, 3, 4, 5)), (1.0, 2.0, 3.0))
     assert v.channels == 2 and v.shape_zyx == (3, 4, 5) and v.size_xyz == (5, 4, 3) and v.spacing_zyx == (3.0, 2.0, 1.0)
+
+
+def test_unreadable_file_even_as_root(tmp_path, samples, monkeypatch):
+    """Permission bits do not stop root, so simulate the kernel's answer for a file we may not read."""
+    import voxseq.io.volume as vv
+
+    p = tmp_path / "locked.nrrd"
+    p.write_bytes((samples / "breast1_label.nrrd").read_bytes())
+    monkeypatch.setattr(vv.os, "access", lambda path, mode: False)
+    with pytest.raises(VolumeReadError, match=r"locked\.nrrd: permission denied"):
+        read_volume(p)
