@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import os
 
 import numpy as np
 import pytest
@@ -194,15 +193,6 @@ def test_folder_without_series(tmp_path):
     (tmp_path / "empty_dir").mkdir()
     with pytest.raises(VolumeReadError, match="no volume file and no DICOM series"):
         read_volume(tmp_path / "empty_dir")
-
-
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can read files without permission bits")
-def test_unreadable_file(tmp_path, samples):
-    p = tmp_path / "locked.nrrd"
-    p.write_bytes((samples / "breast1_label.nrrd").read_bytes())
-    p.chmod(0)
-    with pytest.raises(VolumeReadError, match="permission denied"):
-        read_volume(p)
 
 
 def test_volume_properties():
