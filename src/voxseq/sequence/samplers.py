@@ -280,15 +280,24 @@ class SequenceDataset(torch.utils.data.Dataset):
 
     def _augment_geometry(self, src: torch.Tensor, rng) -> torch.Tensor:
         """Random flips and in-plane rot90 of the (C, Z, Y, X) window: one draw for the whole sequence,
-        so all its sub-volumes move together. Each is one fast torch copy of the window."""
+        so all its sub-volumes move together.
+
+        rot90 by k is ``swap(flip(W, x))`` (k=1), ``flip(W, y, x)`` (k=2) or ``swap(flip(W, y))`` (k=3),
+        with ``swap`` exchanging Y and X; folding it into the flips costs one flip copy (plus one
+        copy for the swap) whatever was drawn.
+        """
         aug = self.cfg.augment
-        dims = [axis + 1 for axis, prob in enumerate(aug.flip_prob) if prob > 0 and rng.random() < prob]
-        if dims:
-            src = torch.flip(src, dims)
+        flip = [prob > 0 and rng.random() < prob for prob in aug.flip_prob]
+        swap = False
         if aug.rot90_prob > 0 and rng.random() < aug.rot90_prob:
             k = int(rng.integers(1, 4)) if src.shape[2] == src.shape[3] else 2  # non-square: 180 only
-            src = torch.rot90(src, k, dims=(2, 3)).contiguous()
-        return src
+            flip[2] ^= k in (1, 2)
+            flip[1] ^= k in (2, 3)
+            swap = k != 2
+        dims = [axis + 1 for axis, f in enumerate(flip) if f]
+        if dims:
+            src = torch.flip(src, dims)
+        return src.transpose(2, 3).contiguous() if swap else src
 
     def _apply_monai(self, stacked: torch.Tensor, rng) -> torch.Tensor:
         if not self.cfg.augment.monai:
@@ -309,6 +318,10 @@ class SequenceDataset(torch.utils.data.Dataset):
         n = len(offsets)
         src = torch.from_numpy(window).float()  # (C, Z, Y, X): contiguous f16 -> f32 is fast, strided is not
         src = self._augment_geometry(src, rng)
+        aug = cfg.augment
+        if aug.intensity_prob > 0 and rng.random() < aug.intensity_prob:  # on the window: slabs overlap, it is smaller
+            src.mul_(float(rng.uniform(1 - aug.scale_range, 1 + aug.scale_range)))
+            src.add_(float(rng.uniform(-aug.shift_range, aug.shift_range)))
         sd, sh, sw = cfg.subvolume_zyx
         subs = []
         for i, off in enumerate(offsets):
@@ -317,19 +330,10 @@ class SequenceDataset(torch.utils.data.Dataset):
         if cfg.augment.monai:
             stacked = self._apply_monai(torch.stack(subs).float(), rng)
             subs = list(stacked)
-        scale, shift = 1.0, 0.0
-        aug = cfg.augment
-        if aug.intensity_prob > 0 and rng.random() < aug.intensity_prob:
-            scale = float(rng.uniform(1 - aug.scale_range, 1 + aug.scale_range))
-            shift = float(rng.uniform(-aug.shift_range, aug.shift_range))
         tokens = torch.empty(n, grid[0], grid[1], grid[2], p, p, p)
         for i, s in enumerate(subs):
             view = s.reshape(grid[0], p, grid[1], p, grid[2], p).permute(0, 2, 4, 1, 3, 5)
             tokens[i].copy_(view)  # patchify: the one strided copy (copy_ has torch's fastest path for it)
-        if scale != 1.0:
-            tokens.mul_(scale)
-        if shift:
-            tokens.add_(shift)
         tokens = tokens.reshape(n, k, p**3)
         pos = np.empty((n, k, 4), np.float32)
         valid = np.empty((n, k), bool)
