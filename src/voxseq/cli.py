@@ -134,6 +134,8 @@ def pretrain_ar(
 
     cfg = load_ar_config(config, list(overrides or []))
     summary = run_pretrain_ar(cfg, out, resume=resume)
+    if summary.get("rank", 0) != 0:  # under torchrun only rank 0 reports
+        return
     if summary.get("first_loss") is not None:
         drop = 1 - summary["last_loss"] / summary["first_loss"]
         typer.echo(f"trained to step {summary['steps']} in {summary['seconds']:.0f} s: loss {summary['first_loss']:.4f} -> "

@@ -81,18 +81,24 @@ def test_bad_override_is_a_clear_error(tmp_path, capsys):
     assert rc == 2 and "unknown config field(s) model.depht" in capsys.readouterr().err
 
 
-def test_ddp_two_gloo_processes(tmp_path, cache):
+def torchrun(out: Path, cache: Path, strategy: str, port: int, *extra: str) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           "-m", "voxseq.cli", "pretrain", "ar", "--config", str(CONFIG), "--out", str(tmp_path / "ddp"), *TINY,
-           "max_steps=4", "checkpoint_every=2", f"data.cache={cache}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "-m", "voxseq.cli", "pretrain", "ar", "--config", str(CONFIG), "--out", str(out), *TINY,
+           "checkpoint_every=2", f"data.cache={cache}", f"distributed={strategy}", *extra]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, encoding="utf-8", errors="replace")
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = read_metrics(tmp_path / "ddp")
-    assert [x["step"] for x in rows] == [0, 1, 2, 3]  # rank 0 logs once per step
-    # a DDP step sees both ranks' batches: twice the tokens of one process
-    assert rows[-1]["tokens_per_s"] > 0
-    r2 = subprocess.run(cmd[:-3] + ["max_steps=6", "checkpoint_every=2", f"data.cache={cache}", "--resume"],
-                        capture_output=True, text=True, env=env, timeout=300, encoding="utf-8", errors="replace")
-    assert r2.returncode == 0, r2.stderr[-3000:]
-    assert [x["step"] for x in read_metrics(tmp_path / "ddp")] == list(range(6))
+
+
+@pytest.mark.parametrize("strategy,port", [("ddp", 29517), ("fsdp2", 29527)])
+def test_two_gloo_processes_train_and_resume_exactly(tmp_path, cache, strategy, port):
+    torchrun(tmp_path / "full", cache, strategy, port, "max_steps=6")
+    rows = read_metrics(tmp_path / "full")
+    assert [x["step"] for x in rows] == list(range(6))  # rank 0 logs once per step
+    assert (tmp_path / "full" / "plots" / "reconstruction.png").is_file()
+    # a run killed after its step-2 checkpoint, resumed on two processes again
+    torchrun(tmp_path / "cut", cache, strategy, port, "max_steps=6")
+    for step in (4, 6):
+        (tmp_path / "cut" / "checkpoints" / f"model_{step:08d}.json").unlink()
+    torchrun(tmp_path / "cut", cache, strategy, port, "max_steps=6", "--resume")
+    assert losses(tmp_path / "cut") == losses(tmp_path / "full")

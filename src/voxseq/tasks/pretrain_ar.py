@@ -27,7 +27,14 @@ from voxseq.objectives.ar import norm_pixel_loss, prefix_loss_mask
 from voxseq.sequence import ResumableSampler, SequenceConfig, SequenceDataset, collate_sequences
 from voxseq.tasks.data import DataConfig, ensure_cache, open_cache
 from voxseq.train import distributed as dist_utils
-from voxseq.train.checkpoint import get_rng_state, load_checkpoint, load_state_dict_checked, save_checkpoint, set_rng_state
+from voxseq.train.checkpoint import (
+    get_rng_state,
+    latest_checkpoint,
+    load_checkpoint,
+    load_state_dict_checked,
+    save_checkpoint,
+    set_rng_state,
+)
 from voxseq.train.metrics import MetricsLogger, Progress, read_metrics
 from voxseq.train.optim import build_optimizer, param_groups, set_lr, warmup_cosine
 
@@ -92,30 +99,33 @@ def run_pretrain_ar(cfg: ARPretrainConfig, out: str | Path, *, resume: bool = Fa
     run_dir = Path(out)
     torch.manual_seed(cfg.seed + rank)
 
-    if main:
+    if main:  # one process prepares the cache, the others wait and read it
         run_dir.mkdir(parents=True, exist_ok=True)
-        cache_path = ensure_cache(cfg.data, run_dir, progress)
+        ensure_cache(cfg.data, run_dir, progress)
     dist_utils.barrier()
-    cache_path = Path(cfg.data.cache) if cfg.data.cache else run_dir / "cache"
-    source = open_cache(cache_path, cfg.data.split)
+    source = open_cache(Path(cfg.data.cache) if cfg.data.cache else run_dir / "cache", cfg.data.split)
     dataset = SequenceDataset(source, cfg.sequence)
     seq_len = cfg.sequence.seq_len(dataset.kinds[0])
 
     model = ARViT3D(cfg.model).to(device)
-    optimizer = build_optimizer(param_groups(model, cfg.weight_decay), cfg.lr, cfg.betas)
-    start = 0
-    if resume:
-        ck = _resume(run_dir, model, optimizer)
-        if ck is not None:
-            start = ck
-    elif (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").glob("model_*.json")):
+    ck = _latest_for_resume(run_dir) if resume else None
+    if ck is not None:  # full weights into the plain module, before DDP/FSDP2 wrap (and shard) it
+        load_state_dict_checked(model, ck.state_dict, strict=True)
+    elif not resume and (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").glob("model_*.json")):
         raise VoxseqError(f"{run_dir} already holds checkpoints: pass --resume to continue, or choose another --out")
+    net = dist_utils.wrap_model(model, cfg.distributed, device)
+    optimizer = build_optimizer(param_groups(model, cfg.weight_decay), cfg.lr, cfg.betas)  # after FSDP2's sharding
+    start = 0
+    if ck is not None:
+        state = ck.training_state()
+        dist_utils.load_full_optimizer_state(model, optimizer, state["optimizer"])
+        set_rng_state(state["rng"])
+        start = ck.step
     if main:
         save_yaml({**to_dict(cfg), "preprocess": to_dict(source.preprocess)}, run_dir / "config.yaml")
     if start >= cfg.max_steps:
         return {"run_dir": str(run_dir), "steps": start, "message": "already finished"}
 
-    net = dist_utils.wrap_model(model, cfg.distributed, device)
     if cfg.compile:
         net = torch.compile(net)
     per_step = cfg.batch_size * cfg.grad_accum
@@ -166,31 +176,30 @@ def run_pretrain_ar(cfg: ARPretrainConfig, out: str | Path, *, resume: bool = Fa
                             "step_time_s": dt, "model_tflops": tok_s * flops_tok / 1e12})
             bar.update(step + 1, loss=loss_val, lr=lr, tok_s=tok_s)
             done = step + 1
-            if main and (done % cfg.checkpoint_every == 0 or done == cfg.max_steps):
-                save_checkpoint(run_dir, done, model, keep_last=cfg.keep_checkpoints, meta=meta,
-                                training_state={"optimizer": optimizer.state_dict(), "rng": get_rng_state(), "step": done,
-                                                "sampler": sampler.state_dict()})
-            dist_utils.barrier()
+            if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
+                weights, optim_state = dist_utils.full_state_dicts(model, optimizer)  # collective: all ranks
+                if main:
+                    save_checkpoint(run_dir, done, weights, keep_last=cfg.keep_checkpoints, meta=meta,
+                                    training_state={"optimizer": optim_state, "rng": get_rng_state(), "step": done,
+                                                    "sampler": sampler.state_dict()})
+                dist_utils.barrier()
     finally:
         bar.close()
         logger.close()
     seconds = time.perf_counter() - t_run
-    if main:
-        make_ar_plots(run_dir, model, dataset, device)
+    if main:  # plots from the saved full weights: the live model may be sharded across ranks (FSDP2)
+        plain = ARViT3D(cfg.model)
+        plain.load_state_dict(load_checkpoint(run_dir).state_dict)
+        make_ar_plots(run_dir, plain, dataset, torch.device("cpu"))
     return {"run_dir": str(run_dir), "steps": cfg.max_steps, "first_loss": first_loss, "last_loss": last_loss,
-            "seconds": seconds}
+            "seconds": seconds, "rank": rank}
 
 
-def _resume(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int | None:
-    """Restore model, optimiser and RNG from the run's latest checkpoint; returns its step."""
-    if not (run_dir / "checkpoints").is_dir():
+def _latest_for_resume(run_dir: Path):
+    """The run's latest complete checkpoint, or None when the run has none yet (a fresh start)."""
+    if not (run_dir / "checkpoints").is_dir() or latest_checkpoint(run_dir) is None:
         return None
-    ck = load_checkpoint(run_dir)
-    load_state_dict_checked(model, ck.state_dict, strict=True)  # same run, same model: everything must fit
-    state = ck.training_state()
-    optimizer.load_state_dict(state["optimizer"])
-    set_rng_state(state["rng"])
-    return ck.step
+    return load_checkpoint(run_dir)
 
 
 # ---------------------------------------------------------------------------- figures

@@ -103,19 +103,22 @@ def checkpoint_paths(folder: Path, step: int) -> tuple[Path, Path, Path]:
     return (folder / f"model_{step:08d}.safetensors", folder / f"optim_{step:08d}.pt", folder / f"model_{step:08d}.json")
 
 
-def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, *, training_state: dict[str, Any] | None = None,
-                    meta: dict[str, Any] | None = None, keep_last: int = 3) -> Path:
+def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module | dict[str, torch.Tensor], *,
+                    training_state: dict[str, Any] | None = None, meta: dict[str, Any] | None = None,
+                    keep_last: int = 3) -> Path:
     """Write weights, training state and metadata for ``step``; keep the newest ``keep_last``.
 
-    ``training_state`` (optimiser/scheduler state dicts, RNG, sampler...) must hold only tensors and
-    plain Python containers/numbers/strings. Returns the metadata path.
+    ``model`` is a module or an already gathered (full) state dict. ``training_state`` (optimiser
+    state, RNG, sampler...) must hold only tensors and plain Python containers/numbers/strings.
+    Returns the metadata path.
     """
     from safetensors.torch import save_file
 
     folder = Path(run_dir) / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
     weights_path, optim_path, meta_path = checkpoint_paths(folder, step)
-    state = {k: v.detach().contiguous().cpu() for k, v in clean_state_dict(unwrap_model(model).state_dict()).items()}
+    raw = model if isinstance(model, dict) else unwrap_model(model).state_dict()
+    state = {k: v.detach().contiguous().cpu() for k, v in clean_state_dict(raw).items()}
     _atomic(weights_path, lambda p: save_file(state, str(p)))
     sums = {weights_path.name: _sha256(weights_path)}
     if training_state is not None:

@@ -85,3 +85,20 @@ def wrap_model(model: nn.Module, strategy: str, device: torch.device) -> nn.Modu
         fully_shard(model)
         return model
     raise ValueError(f"unknown distributed strategy {strategy!r} (ddp, fsdp2, none)")
+
+
+def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Full (unsharded) model and optimiser state dicts, gathered to CPU: works for plain modules,
+    DDP and FSDP2 alike. A collective under torchrun: every rank must call it (rank 0 gets the data)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=dist.is_initialized())
+    return get_state_dict(model, optimizer, options=opts)
+
+
+def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load an optimiser state saved by :func:`full_state_dicts` (parameter names as keys) into a
+    plain, DDP or FSDP2-sharded model's optimiser."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
