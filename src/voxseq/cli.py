@@ -144,6 +144,41 @@ def pretrain_ar(
         typer.echo(f"{out}: {summary.get('message', 'nothing to do')}")
 
 
+# ---------------------------------------------------------------------------- embed
+
+
+@app.command()
+def embed(
+    files: List[Path] = typer.Argument(..., help="Volume files or DICOM folders."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output .npz."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="A checkpoint file or run folder (its latest)."),
+    random_init: Optional[str] = typer.Option(None, "--random-init", help="A randomly initialised preset (tiny, small, base, large): a baseline."),
+    per_token: bool = typer.Option(False, "--per-token", help="Per-token features (N, E) and voxel_ijk (N, 3) of one file."),
+) -> None:
+    """Encoder features of volumes, with the checkpoint's own preprocessing."""
+    import numpy as np
+
+    from voxseq.tasks.encoders import embed_file, encoder_from_checkpoint, random_encoder
+
+    if (checkpoint is None) == (random_init is None):
+        raise VoxseqError("give exactly one of --checkpoint and --random-init")
+    if per_token and len(files) != 1:
+        raise VoxseqError("--per-token embeds one file at a time")
+    if checkpoint is not None:
+        encoder, pre, _, report = encoder_from_checkpoint(checkpoint)
+        typer.echo(f"encoder from {checkpoint}: {report.summary().splitlines()[0]}")
+    else:
+        encoder, pre = random_encoder(random_init)
+    results = [embed_file(encoder, pre, f, per_token=per_token) for f in files]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if per_token:
+        np.savez(out, features=results[0]["features"], voxel_ijk=results[0]["voxel_ijk"], path=str(files[0]))
+        typer.echo(f"{results[0]['features'].shape[0]} tokens x {results[0]['features'].shape[1]} features -> {out}")
+    else:
+        np.savez(out, features=np.stack([r["features"] for r in results]), paths=np.array([str(f) for f in files]))
+        typer.echo(f"{len(files)} volume(s) x {results[0]['features'].shape[0]} features -> {out}")
+
+
 # ---------------------------------------------------------------------------- manifest
 
 

@@ -1,0 +1,97 @@
+"""Pretrained encoders for downstream use: load any voxseq checkpoint's ViT with its preprocessing,
+and turn files into features (``voxseq embed``).
+
+A checkpoint (file or run folder) carries ``model`` (the ViT config) and ``preprocess`` in its
+metadata. Encoder weights are the keys under ``encoder.`` (AR-SSL4M pretraining and fine-tuned
+models alike); everything else (heads, decoders, special tokens) is reported as unexpected.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from voxseq import VoxseqError
+from voxseq.config import from_dict
+from voxseq.data.preprocess import Preprocess
+from voxseq.io.volume import Volume, read_volume
+from voxseq.models.vit3d import ViT3D, ViTConfig, vit_config
+from voxseq.train.checkpoint import LoadReport, load_checkpoint, load_state_dict_checked
+
+# Official AR-SSL4M release (a LLaMA-style HF module around a timm-like ViT): key prefixes -> voxseq.
+OFFICIAL_PREFIX_MAP = {"module.": "", "model.encoder.": "encoder.", "vit.": "encoder.", "backbone.": "encoder."}
+
+
+def encoder_from_checkpoint(path: str | Path, strict: bool = False) -> tuple[ViT3D, Preprocess, dict[str, Any], LoadReport]:
+    """(encoder, preprocessing, checkpoint metadata, load report) from a checkpoint or run folder."""
+    ck = load_checkpoint(path)
+    meta = ck.meta
+    if "model" not in meta:
+        raise VoxseqError(f"{ck.path}: checkpoint metadata has no model config")
+    cfg = from_dict(ViTConfig, meta["model"])
+    encoder = ViT3D(cfg)
+    state = {k: v for k, v in ck.state_dict.items()}
+    report = load_state_dict_checked(encoder, state, prefix_map={"encoder.": "", **OFFICIAL_PREFIX_MAP})
+    report.unexpected = [k for k in report.unexpected if not k.startswith(("head.", "start_token", "end_token",
+                                                                           "decoder", "stem", "skip_blocks", "up_blocks", "out."))]
+    if not report.loaded:
+        raise VoxseqError(f"{ck.path}: no encoder weights found (expected keys under 'encoder.')")
+    if strict and (report.missing or report.mismatched):
+        raise VoxseqError(f"{ck.path}: encoder weights do not fit:\n{report.summary()}")
+    pre = from_dict(Preprocess, meta.get("preprocess", {}))
+    return encoder, pre, meta, report
+
+
+def random_encoder(preset: str, patch_size: int | None = None) -> tuple[ViT3D, Preprocess]:
+    """A randomly initialised encoder of a preset (a baseline for linear probes), default preprocessing."""
+    torch.manual_seed(0)
+    cfg = vit_config(preset, **({"patch_size": patch_size} if patch_size else {}))
+    return ViT3D(cfg), Preprocess()
+
+
+def pad_to_multiple(array: np.ndarray, multiple: int, value: float) -> np.ndarray:
+    """Pad (C, Z, Y, X) at the end of each spatial axis to a multiple of ``multiple``."""
+    pads = [(0, 0)] + [(0, (-s) % multiple) for s in array.shape[1:]]
+    return np.pad(array, pads, constant_values=value) if any(p[1] for p in pads) else array
+
+
+def token_centres_in_source(grid_zyx: Sequence[int], patch: int, pre: Volume, source: Volume) -> np.ndarray:
+    """(N, 3) (i, j, k) indices, in the source file's own axis order, of each token's centre voxel.
+
+    Token centres are mapped through physical space: preprocessed grid -> mm -> the file's grid.
+    """
+    zz, yy, xx = np.meshgrid(*[np.arange(g) for g in grid_zyx], indexing="ij")
+    centre_xyz = np.stack([xx.ravel(), yy.ravel(), zz.ravel()], 1) * patch + (patch - 1) / 2.0  # (N, 3) in pre grid
+    d = np.asarray(pre.direction, float).reshape(3, 3)
+    phys = np.asarray(pre.origin, float) + (d @ (centre_xyz * np.asarray(pre.spacing, float)).T).T
+    m = source.meta
+    sd = np.asarray(m.get("source_direction", source.direction), float).reshape(3, 3)
+    so = np.asarray(m.get("source_origin_xyz", source.origin), float)
+    ss = np.asarray(m.get("source_spacing_xyz", source.spacing), float)
+    return np.rint(np.linalg.solve(sd, (phys - so).T).T / ss).astype(np.int64)
+
+
+@torch.no_grad()
+def embed_file(encoder: ViT3D, pre_cfg: Preprocess, path: str | Path, per_token: bool = False,
+               spacing: Sequence[float] | None = None) -> dict[str, np.ndarray]:
+    """Features of one file: ``features`` (E,) mean over tokens, or with ``per_token`` (N, E) plus
+    ``voxel_ijk`` (N, 3), keeping tokens whose centre lies inside the file's grid."""
+    source = read_volume(path, spacing=spacing)
+    image, _ = pre_cfg(source)
+    p = encoder.cfg.patch_size
+    arr = image.array if image.array.ndim == 4 else image.array[None]
+    if arr.shape[0] != encoder.cfg.in_chans:
+        raise VoxseqError(f"{path}: {arr.shape[0]} channel(s), the encoder takes {encoder.cfg.in_chans}")
+    arr = pad_to_multiple(arr, p, pre_cfg.out_range[0] if pre_cfg.pad_value is None else pre_cfg.pad_value)
+    encoder.eval()
+    feats = encoder.forward_features(torch.from_numpy(np.ascontiguousarray(arr))[None].float())[0].numpy()  # (N, E)
+    if not per_token:
+        return {"features": feats.mean(0)}
+    grid = [s // p for s in arr.shape[1:]]
+    ijk = token_centres_in_source(grid, p, image, source)
+    size = np.asarray(source.meta.get("source_size_xyz", source.size_xyz))
+    inside = ((ijk >= 0) & (ijk < size)).all(1)
+    return {"features": feats[inside], "voxel_ijk": ijk[inside]}
