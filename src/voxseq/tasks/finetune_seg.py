@@ -1,0 +1,273 @@
+"""`voxseq finetune seg`: UNETR segmentation on a (pretrained) voxseq ViT, and `voxseq predict`.
+
+Training: random ROI crops from the cache (half of them centred on a labelled voxel), DiceCE loss
+(MONAI), AdamW with MAE-style layer-wise lr decay and warmup + cosine, Dice per class on the
+validation split by sliding-window inference (MONAI). ``--init`` loads the encoder of any voxseq
+checkpoint and, unless the config sets one, its preprocessing, so that fine-tuning sees volumes
+exactly as pretraining did. Predictions are written in each input file's own geometry.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from voxseq import VoxseqError
+from voxseq.config import from_dict, load_config, save_yaml, to_dict
+from voxseq.data.adapters import split_ids
+from voxseq.data.preprocess import Preprocess, to_source_grid
+from voxseq.models.unetr import UNETR3D, UNETRConfig
+from voxseq.models.vit3d import ViTConfig
+from voxseq.sequence.samplers import read_window
+from voxseq.tasks.data import DataConfig, ensure_cache, open_cache
+from voxseq.train.checkpoint import load_checkpoint, load_state_dict_checked, save_checkpoint
+from voxseq.train.metrics import MetricsLogger, Progress, read_metrics
+from voxseq.train.optim import build_optimizer, param_groups_lrd, set_lr, warmup_cosine
+
+
+@dataclass
+class SegConfig:
+    name: str = "seg"
+    model: ViTConfig = field(default_factory=ViTConfig)  # replaced by the --init checkpoint's encoder config
+    unetr: UNETRConfig = field(default_factory=UNETRConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    use_init_preprocess: bool = True  # with --init: train on the checkpoint's preprocessing
+    roi_zyx: list[int] = field(default_factory=lambda: [96, 96, 96])
+    pos_fraction: float = 0.5  # crops centred on a labelled voxel
+    label_ratio: float = 1.0  # fraction of the training cases used (fixed-seed subset)
+    batch_size: int = 2
+    max_steps: int = 500
+    lr: float = 3e-4
+    layer_decay: float = 0.75
+    weight_decay: float = 0.05
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.01
+    grad_clip: float = 1.0
+    overlap: float = 0.5  # sliding-window overlap at inference
+    eval_every: int = 0  # 0: only at the end
+    checkpoint_every: int = 100
+    seed: int = 0
+
+
+def load_seg_config(path, overrides=None) -> SegConfig:
+    return load_config(SegConfig, path, overrides)
+
+
+def _subset(ids: list[str], ratio: float, seed: int) -> set[str]:
+    if not 0 < ratio <= 1:
+        raise VoxseqError(f"label_ratio must be in (0, 1], not {ratio}")
+    ids = sorted(ids)
+    n = max(1, int(round(ratio * len(ids))))
+    order = np.random.default_rng(seed).permutation(len(ids))
+    return {ids[i] for i in order[:n]}
+
+
+def sample_crop(cache, i: int, roi, rng, pos_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """(C, *roi) image and (*roi) label crop, centred on a random labelled voxel with ``pos_fraction``."""
+    img, lab = cache.image(i), cache.label(i)
+    shape = img.shape[1:]
+    if rng.random() < pos_fraction:
+        fg = cache.entry(i).get("fg_sample")
+        if fg is None:  # a few hundred foreground voxels, found once per volume
+            nz = np.argwhere(np.asarray(lab) > 0)
+            fg = nz[rng.choice(len(nz), size=min(256, len(nz)), replace=False)] if len(nz) else np.empty((0, 3), int)
+            cache.entry(i)["fg_sample"] = fg
+        if len(fg):
+            c = fg[rng.integers(len(fg))]
+            start = [int(cz) - r // 2 + int(rng.integers(-r // 4, r // 4 + 1)) for cz, r in zip(c, roi)]
+            start = [min(max(s, 0), n - r) if n >= r else s for s, n, r in zip(start, shape, roi)]
+        else:
+            start = [int(rng.integers(0, max(1, n - r + 1))) if n >= r else -((r - n) // 2) for n, r in zip(shape, roi)]
+    else:
+        start = [int(rng.integers(0, max(1, n - r + 1))) if n >= r else -((r - n) // 2) for n, r in zip(shape, roi)]
+    x, _ = read_window(img, start, roi, 0.0)
+    y, _ = read_window(lab[None], start, roi, 0)
+    return x.astype(np.float32), y[0].astype(np.int64)
+
+
+def build_seg_model(cfg: SegConfig, init: str | None) -> tuple[UNETR3D, Preprocess | None, str]:
+    """The UNETR with the --init checkpoint's encoder (config and weights) or a fresh one."""
+    if init is None:
+        return UNETR3D(cfg.model, cfg.unetr), None, "encoder from scratch"
+    ck = load_checkpoint(init)
+    vit = from_dict(ViTConfig, ck.meta["model"])
+    model = UNETR3D(vit, cfg.unetr)
+    report = load_state_dict_checked(model.encoder, ck.state_dict, prefix_map={"encoder.": ""})
+    if not report.loaded:
+        raise VoxseqError(f"{ck.path}: no encoder weights to initialise from")
+    pre = from_dict(Preprocess, ck.meta["preprocess"]) if "preprocess" in ck.meta else None
+    return model, pre, f"encoder from {ck.path.name}: {len(report.loaded)} tensors loaded, {len(report.missing)} missing"
+
+
+@torch.no_grad()
+def sliding_predict(model: UNETR3D, image: np.ndarray, roi, overlap: float) -> np.ndarray:
+    """Class map (Z, Y, X) of a (C, Z, Y, X) volume by MONAI sliding-window inference."""
+    from monai.inferers import sliding_window_inference
+
+    model.eval()
+    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
+    logits = sliding_window_inference(x, roi, 1, model, overlap=overlap, mode="gaussian")
+    model.train()
+    return logits.argmax(1)[0].numpy().astype(np.uint8)
+
+
+def dice_per_class(pred: np.ndarray, label: np.ndarray, num_classes: int) -> list[float]:
+    """MONAI DiceMetric per foreground class (NaN where a class is absent from both)."""
+    from monai.metrics import DiceMetric
+    from monai.networks.utils import one_hot
+
+    metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
+    p = one_hot(torch.from_numpy(pred.astype(np.int64))[None, None], num_classes)
+    y = one_hot(torch.from_numpy(np.asarray(label).astype(np.int64))[None, None], num_classes)
+    return [float(v) for v in metric(p, y)[0]]
+
+
+def evaluate_seg(model: UNETR3D, cache, indices: list[int], cfg: SegConfig) -> dict[str, Any]:
+    per_case = {}
+    for i in indices:
+        pred = sliding_predict(model, np.asarray(cache.image(i)), cfg.roi_zyx, cfg.overlap)
+        per_case[cache.entry(i)["id"]] = dice_per_class(pred, cache.label(i), cfg.unetr.out_channels)
+    arr = np.array(list(per_case.values()), float)  # (cases, classes-1)
+    per_class = np.nanmean(arr, axis=0) if len(arr) else np.array([])
+    return {"mean_dice": float(np.nanmean(per_class)) if len(per_class) else float("nan"),
+            "dice_per_class": [float(v) for v in per_class], "per_case": per_case}
+
+
+def run_finetune_seg(cfg: SegConfig, out: str | Path, init: str | None = None, progress: bool = True) -> dict[str, Any]:
+    from monai.losses import DiceCELoss
+
+    run_dir = Path(out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    model, init_pre, how = build_seg_model(cfg, init)
+    if init_pre is not None and cfg.use_init_preprocess:
+        cfg.data.preprocess = init_pre
+    if any(r % model.encoder.cfg.patch_size for r in cfg.roi_zyx):
+        raise VoxseqError(f"roi_zyx {cfg.roi_zyx} must be multiples of the patch size {model.encoder.cfg.patch_size}")
+    cfg.model = model.encoder.cfg
+    ensure_cache(cfg.data, run_dir, progress)
+    cache = open_cache(Path(cfg.data.cache) if cfg.data.cache else run_dir / "cache", None)
+    labelled = [i for i in range(len(cache)) if cache.entry(i).get("has_label")]
+    if not labelled:
+        raise VoxseqError("no labelled volumes in the cache: segmentation needs labels")
+    ids = [cache.entry(i)["id"] for i in labelled]
+    splits = {i: cache.entry(i)["split"] for i in labelled}
+    if not any(s == "val" for s in splits.values()):  # no validation split given: make one, fixed seed
+        auto = split_ids(ids, (0.8, 0.2, 0.0), seed=cfg.seed)
+        splits = {i: auto[cache.entry(i)["id"]] if auto[cache.entry(i)["id"]] != "test" else "val" for i in labelled}
+    train = [i for i in labelled if splits[i] == "train"]
+    keep = _subset([cache.entry(i)["id"] for i in train], cfg.label_ratio, cfg.seed)
+    train = [i for i in train if cache.entry(i)["id"] in keep]
+    val = [i for i in labelled if splits[i] == "val"]
+    save_yaml(to_dict(cfg), run_dir / "config.yaml")
+
+    groups = param_groups_lrd(model, cfg.weight_decay, cfg.layer_decay, model.encoder.num_layers)
+    optimizer = build_optimizer(groups, cfg.lr, (0.9, 0.999))
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    logger = MetricsLogger(run_dir)
+    bar = Progress(cfg.max_steps, 0, f"finetune seg ({how})", enabled=progress)
+    meta = {"task": "finetune-seg", "config": to_dict(cfg), "model": to_dict(cfg.model), "unetr": to_dict(cfg.unetr),
+            "preprocess": to_dict(cfg.data.preprocess), "model_class": "UNETR3D", "init": str(init) if init else None,
+            "train_ids": [cache.entry(i)["id"] for i in train], "val_ids": [cache.entry(i)["id"] for i in val]}
+    rng = np.random.default_rng(cfg.seed)
+    t0 = time.perf_counter()
+    try:
+        for step in range(cfg.max_steps):
+            lr = set_lr(optimizer, cfg.lr, warmup_cosine(step, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
+            crops = [sample_crop(cache, train[int(rng.integers(len(train)))], cfg.roi_zyx, rng, cfg.pos_fraction)
+                     for _ in range(cfg.batch_size)]
+            x = torch.from_numpy(np.stack([c[0] for c in crops]))  # (B, C, D, H, W)
+            y = torch.from_numpy(np.stack([c[1] for c in crops]))[:, None]  # (B, 1, D, H, W)
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            row = {"step": step, "loss": loss.item(), "lr": lr}
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and val:
+                row["val_mean_dice"] = evaluate_seg(model, cache, val, cfg)["mean_dice"]
+            logger.log(row)
+            bar.update(step + 1, loss=row["loss"], lr=lr)
+            if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.max_steps:
+                save_checkpoint(run_dir, step + 1, model, meta=meta)
+    finally:
+        bar.close()
+        logger.close()
+    result = evaluate_seg(model, cache, val, cfg) if val else {"mean_dice": float("nan")}
+    meta["val"] = {k: v for k, v in result.items() if k != "per_case"}
+    save_checkpoint(run_dir, cfg.max_steps, model, meta=meta)
+    from voxseq.train.plots import plot_loss_curve
+
+    plot_loss_curve(read_metrics(run_dir), run_dir / "plots" / "loss_curve.png", title="segmentation fine-tuning loss")
+    return {"run_dir": str(run_dir), "val": result, "seconds": time.perf_counter() - t0, "how": how,
+            "n_train": len(train), "n_val": len(val)}
+
+
+def evaluate_checkpoint(checkpoint: str | Path, split: str = "val", out: str | Path | None = None) -> dict[str, Any]:
+    """Dice per class of a segmentation checkpoint on a split of the cache it was trained on;
+    writes ``evaluation.json`` and ``evaluation.md`` to ``out`` (default: the run folder)."""
+    import json
+
+    model, _, meta = load_seg_model(checkpoint)
+    cfg = from_dict(SegConfig, meta["config"])
+    ck_path = load_checkpoint(checkpoint).path
+    run_dir = ck_path.parent.parent
+    cache = open_cache(Path(cfg.data.cache) if cfg.data.cache else run_dir / "cache", None)
+    wanted = set(meta.get(f"{split}_ids", [])) or {cache.entry(i)["id"] for i in range(len(cache))
+                                                    if cache.entry(i)["split"] == split}
+    indices = [i for i in range(len(cache)) if cache.entry(i)["id"] in wanted and cache.entry(i).get("has_label")]
+    if not indices:
+        raise VoxseqError(f"{checkpoint}: no labelled volumes in split {split!r}")
+    result = evaluate_seg(model, cache, indices, cfg)
+    out = Path(out) if out else run_dir
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "evaluation.json").write_text(json.dumps({"checkpoint": str(ck_path), "split": split, **result}, indent=1))
+    lines = [f"# Segmentation evaluation ({split}, {len(indices)} volumes)", "", f"checkpoint: `{ck_path}`", "",
+             f"mean Dice: **{result['mean_dice']:.4f}**", "", "| class | Dice |", "|---|---|"]
+    lines += [f"| {c + 1} | {d:.4f} |" for c, d in enumerate(result["dice_per_class"])]
+    (out / "evaluation.md").write_text("\n".join(lines) + "\n")
+    return result
+
+
+def load_seg_model(checkpoint: str | Path) -> tuple[UNETR3D, Preprocess, dict[str, Any]]:
+    ck = load_checkpoint(checkpoint)
+    if ck.meta.get("model_class") != "UNETR3D":
+        raise VoxseqError(f"{ck.path}: not a segmentation checkpoint (made by {ck.meta.get('task', 'unknown')}); "
+                          "use one written by `voxseq finetune seg`")
+    model = UNETR3D(from_dict(ViTConfig, ck.meta["model"]), from_dict(UNETRConfig, ck.meta["unetr"]))
+    load_state_dict_checked(model, ck.state_dict, strict=True)
+    return model, from_dict(Preprocess, ck.meta["preprocess"]), ck.meta
+
+
+def predict_files(checkpoint: str | Path, files: list[Path], out_dir: str | Path) -> list[Path]:
+    """Segment each file with the checkpoint's preprocessing; ``<name>_seg.nii.gz`` in the file's geometry."""
+    import SimpleITK as sitk
+
+    from voxseq.io.volume import read_volume
+
+    model, pre, meta = load_seg_model(checkpoint)
+    roi = meta["config"]["roi_zyx"]
+    overlap = meta["config"].get("overlap", 0.5)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for f in files:
+        source = read_volume(f)
+        image, _ = pre(source)
+        arr = image.array if image.array.ndim == 4 else image.array[None]
+        pred = sliding_predict(model, arr, roi, overlap)
+        seg = to_source_grid(pred, image, source)
+        name = Path(f).name
+        for suf in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".npz", ".npy"):
+            if name.lower().endswith(suf):
+                name = name[: -len(suf)]
+                break
+        path = out_dir / f"{name}_seg.nii.gz"
+        sitk.WriteImage(sitk.Cast(seg, sitk.sitkUInt8), str(path), useCompression=True)
+        written.append(path)
+    return written
