@@ -1,0 +1,120 @@
+"""Downstream use of pretrained encoders: UNETR, loading, embed (voxel_ijk), finetune, evaluate, predict."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from voxseq import VoxseqError
+from voxseq.cli import main
+from voxseq.data.preprocess import Preprocess
+from voxseq.models.unetr import UNETR3D, UNETRConfig, default_skips
+from voxseq.models.vit3d import ViT3D, ViTConfig
+from voxseq.tasks.encoders import embed_file, encoder_from_checkpoint
+from voxseq.tasks.finetune_seg import _subset, dice_per_class
+
+ROOT = Path(__file__).resolve().parents[2]
+AR_TINY = ["model.depth=2", "model.embed_dim=32", "model.num_heads=2", "batch_size=2", "warmup_steps=2",
+           "data.phantoms.n_ct=4", "data.phantoms.n_mri=0", "data.phantoms.size_xy=48", "data.phantoms.max_slices=48",
+           "data.samples=false", "data.workers=1", "data.preprocess.spacing_xyz=[6,6,6]",
+           "data.preprocess.min_shape_zyx=[32,32,32]", "sequence.crop_zyx=[32,32,32]",
+           "sequence.subvolume_zyx=[8,32,32]", "sequence.kind_weights={spatial: 1.0}"]
+SEG_TINY = ["unetr.feature_size=4", "roi_zyx=[16,16,16]", "batch_size=1", "warmup_steps=1", "checkpoint_every=100",
+            "data.phantoms.n_ct=4", "data.phantoms.size_xy=48", "data.phantoms.max_slices=48"]
+
+
+@pytest.fixture(scope="module")
+def ar_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ar") / "run"
+    assert main(["pretrain", "ar", "--config", str(ROOT / "configs" / "ar_tiny.yaml"), "--out", str(out), *AR_TINY,
+                 "max_steps=3"]) == 0
+    return out
+
+
+def test_unetr_shapes_and_skips():
+    assert default_skips(12, 16) == [3, 6, 9] and default_skips(6, 8) == [2, 4]
+    for p, depth in ((16, 4), (8, 3), (4, 2)):
+        m = UNETR3D(ViTConfig(patch_size=p, embed_dim=32, depth=depth, num_heads=2), UNETRConfig(out_channels=3, feature_size=4))
+        assert m(torch.randn(1, 1, 16, 32, 48)).shape == (1, 3, 16, 32, 48)
+    with pytest.raises(VoxseqError, match="skip blocks"):
+        UNETR3D(ViTConfig(patch_size=16, embed_dim=32, depth=4, num_heads=2), UNETRConfig(skip_indices=[1]))
+
+
+def test_dice_known_values():
+    label = np.zeros((4, 4, 4), np.uint8)
+    label[:2] = 1
+    label[2:, :2] = 2
+    pred = label.copy()
+    pred[0] = 0  # half of class 1 missed
+    d1, d2 = dice_per_class(pred, label, 3)
+    assert d1 == pytest.approx(2 * 16 / (16 + 32)) and d2 == pytest.approx(1.0)
+
+
+def test_label_ratio_subset_is_fixed():
+    ids = [f"c{i}" for i in range(20)]
+    a = _subset(ids, 0.1, 0)
+    assert len(a) == 2 and a == _subset(list(reversed(ids)), 0.1, 0) and a <= _subset(ids, 1.0, 0)
+
+
+def test_encoder_loads_from_ar_checkpoint(ar_run):
+    enc, pre, meta, report = encoder_from_checkpoint(ar_run)
+    assert not report.missing and not report.mismatched and not report.unexpected
+    assert enc.cfg.embed_dim == 32 and pre.spacing_xyz == [6.0, 6.0, 6.0] and meta["task"] == "pretrain-ar"
+    with pytest.raises(VoxseqError):
+        encoder_from_checkpoint(ar_run / "nowhere")
+
+
+def test_embed_voxel_ijk_in_the_files_own_grid(tmp_path):
+    """An LAS file (Y flipped relative to voxseq's LPS): token centres map back to the file's indices."""
+    img = sitk.GetImageFromArray(np.random.default_rng(0).random((16, 16, 16)).astype(np.float32))
+    img.SetDirection((1, 0, 0, 0, -1, 0, 0, 0, 1))
+    path = tmp_path / "las.nii.gz"
+    sitk.WriteImage(img, str(path))
+    enc = ViT3D(ViTConfig(patch_size=8, embed_dim=32, depth=1, num_heads=2))
+    out = embed_file(enc, Preprocess(intensity="none"), path, per_token=True)
+    assert out["features"].shape == (8, 32)
+    got = {tuple(v) for v in out["voxel_ijk"].tolist()}
+    # centres at 3.5 / 11.5 in LPS; Y flips: 15 - 3.5 = 11.5; numpy rounds half to even
+    c = [int(np.rint(3.5)), int(np.rint(11.5))]
+    assert got == {(i, j, k) for i in c for j in c for k in c}
+    vol = embed_file(enc, Preprocess(intensity="none"), path)
+    assert vol["features"].shape == (32,) and np.allclose(vol["features"], out["features"].mean(0), atol=1e-5)
+
+
+def test_embed_cli(tmp_path, ar_run, samples):
+    assert main(["embed", "--checkpoint", str(ar_run), "--per-token", "--out", str(tmp_path / "e.npz"),
+                 str(samples / "breast1_image.nrrd")]) == 0
+    d = np.load(tmp_path / "e.npz")
+    assert d["features"].shape[1] == 32 and d["voxel_ijk"].shape == (d["features"].shape[0], 3)
+    assert (d["voxel_ijk"] >= 0).all() and (d["voxel_ijk"] < np.array([45, 120, 21])).all()
+    assert main(["embed", "--random-init", "tiny", "--out", str(tmp_path / "r.npz"), str(samples / "breast1_image.nrrd"),
+                 str(samples / "brain1_image.nrrd")]) == 0
+    assert np.load(tmp_path / "r.npz")["features"].shape == (2, 192)
+    assert main(["embed", "--out", str(tmp_path / "x.npz"), str(samples / "breast1_image.nrrd")]) == 2
+
+
+def test_finetune_evaluate_predict(tmp_path, ar_run, samples):
+    cfg = str(ROOT / "configs" / "seg_phantom_tiny.yaml")
+    out = tmp_path / "seg"
+    assert main(["finetune", "seg", "--config", cfg, "--init", str(ar_run), "--out", str(out), *SEG_TINY, "max_steps=3",
+                 "--label-ratio", "0.5"]) == 0
+    meta = json.loads(next((out / "checkpoints").glob("model_*.json")).read_text())
+    assert meta["init"] == str(ar_run) and meta["model"]["embed_dim"] == 32  # the pretrained encoder's shape
+    assert meta["preprocess"]["spacing_xyz"] == [6.0, 6.0, 6.0]  # and its preprocessing
+    assert len(meta["train_ids"]) == 2 and len(meta["val_ids"]) == 1  # 4 cases: 3 train (half of them kept), 1 val
+    assert meta["val"]["mean_dice"] >= 0
+    assert main(["evaluate", "--checkpoint", str(out)]) == 0
+    ev = json.loads((out / "evaluation.json").read_text())
+    assert len(ev["dice_per_class"]) == 10 and (out / "evaluation.md").is_file()
+    assert main(["predict", "--checkpoint", str(out), "--out", str(tmp_path / "pred"), str(samples / "brain1_image.nrrd")]) == 0
+    src = sitk.ReadImage(str(samples / "brain1_image.nrrd"))
+    seg = sitk.ReadImage(str(tmp_path / "pred" / "brain1_image_seg.nii.gz"))
+    assert seg.GetSize() == src.GetSize()
+    assert np.allclose(seg.GetSpacing(), src.GetSpacing(), atol=1e-4) and np.allclose(seg.GetOrigin(), src.GetOrigin(), atol=1e-3)
+    assert np.allclose(seg.GetDirection(), src.GetDirection())  # brain1 is LAS: written back in LAS
+    assert main(["predict", "--checkpoint", str(ar_run), "--out", str(tmp_path / "p2"), str(samples / "brain1_image.nrrd")]) == 2
