@@ -195,6 +195,33 @@ def predict(
         typer.echo(f"wrote {p}")
 
 
+experiment_app = typer.Typer(no_args_is_help=True, help="Experiments that compare training set-ups.")
+app.add_typer(experiment_app, name="experiment")
+
+
+@experiment_app.command("label-efficiency")
+def label_efficiency(
+    config: Path = typer.Option(..., "--config", "-c", help="Segmentation config (e.g. configs/seg_phantom_tiny.yaml)."),
+    init: Path = typer.Option(..., "--init", help="The pretrained checkpoint or run folder."),
+    out: Path = typer.Option(..., "--out", "-o", help="Experiment folder (re-running resumes the table)."),
+    ratios: str = typer.Option("0.1,1.0", "--ratios", help="Comma-separated label ratios."),
+    seeds: str = typer.Option("0,1,2", "--seeds", help="Comma-separated seeds."),
+    overrides: List[str] = typer.Argument(None, help="Config overrides key=value for every run."),
+) -> None:
+    """Fine-tune scratch and pretrained encoders over label ratios and seeds; table and plot."""
+    from voxseq.tasks.experiments import run_label_efficiency
+
+    try:
+        r_list = [float(x) for x in ratios.split(",")]
+        s_list = [int(x) for x in seeds.split(",")]
+    except ValueError:
+        raise VoxseqError(f"--ratios {ratios!r} / --seeds {seeds!r}: expected comma-separated numbers") from None
+    res = run_label_efficiency(config, init, out, r_list, s_list, list(overrides or []))
+    for row in res["summary"]:
+        typer.echo(f"ratio {row['ratio']:g} {row['arm']:10s} Dice {row['mean']:.4f} +- {row['std']:.4f} (n={row['n']})")
+    typer.echo(f"-> {out / 'results.md'}")
+
+
 # ---------------------------------------------------------------------------- embed
 
 

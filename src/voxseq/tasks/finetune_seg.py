@@ -49,6 +49,7 @@ class SegConfig:
     min_lr_ratio: float = 0.01
     grad_clip: float = 1.0
     overlap: float = 0.5  # sliding-window overlap at inference
+    eval_splits: list[str] = field(default_factory=lambda: ["val"])  # splits scored at the end
     eval_every: int = 0  # 0: only at the end
     checkpoint_every: int = 100
     seed: int = 0
@@ -90,17 +91,23 @@ def sample_crop(cache, i: int, roi, rng, pos_fraction: float) -> tuple[np.ndarra
     return x.astype(np.float32), y[0].astype(np.int64)
 
 
-def build_seg_model(cfg: SegConfig, init: str | None) -> tuple[UNETR3D, Preprocess | None, str]:
-    """The UNETR with the --init checkpoint's encoder (config and weights) or a fresh one."""
+def build_seg_model(cfg: SegConfig, init: str | None, load_weights: bool = True) -> tuple[UNETR3D, Preprocess | None, str]:
+    """The UNETR with the --init checkpoint's encoder (config and weights) or a fresh one.
+
+    ``load_weights=False`` takes only the checkpoint's architecture and preprocessing: the
+    from-scratch baseline of a pretrained-versus-scratch comparison.
+    """
     if init is None:
         return UNETR3D(cfg.model, cfg.unetr), None, "encoder from scratch"
     ck = load_checkpoint(init)
     vit = from_dict(ViTConfig, ck.meta["model"])
     model = UNETR3D(vit, cfg.unetr)
+    pre = from_dict(Preprocess, ck.meta["preprocess"]) if "preprocess" in ck.meta else None
+    if not load_weights:
+        return model, pre, f"encoder from scratch (architecture of {ck.path.name})"
     report = load_state_dict_checked(model.encoder, ck.state_dict, prefix_map={"encoder.": ""})
     if not report.loaded:
         raise VoxseqError(f"{ck.path}: no encoder weights to initialise from")
-    pre = from_dict(Preprocess, ck.meta["preprocess"]) if "preprocess" in ck.meta else None
     return model, pre, f"encoder from {ck.path.name}: {len(report.loaded)} tensors loaded, {len(report.missing)} missing"
 
 
@@ -138,13 +145,14 @@ def evaluate_seg(model: UNETR3D, cache, indices: list[int], cfg: SegConfig) -> d
             "dice_per_class": [float(v) for v in per_class], "per_case": per_case}
 
 
-def run_finetune_seg(cfg: SegConfig, out: str | Path, init: str | None = None, progress: bool = True) -> dict[str, Any]:
+def run_finetune_seg(cfg: SegConfig, out: str | Path, init: str | None = None, progress: bool = True,
+                     load_weights: bool = True) -> dict[str, Any]:
     from monai.losses import DiceCELoss
 
     run_dir = Path(out)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    model, init_pre, how = build_seg_model(cfg, init)
+    model, init_pre, how = build_seg_model(cfg, init, load_weights)
     if init_pre is not None and cfg.use_init_preprocess:
         cfg.data.preprocess = init_pre
     if any(r % model.encoder.cfg.patch_size for r in cfg.roi_zyx):
@@ -163,7 +171,7 @@ def run_finetune_seg(cfg: SegConfig, out: str | Path, init: str | None = None, p
     train = [i for i in labelled if splits[i] == "train"]
     keep = _subset([cache.entry(i)["id"] for i in train], cfg.label_ratio, cfg.seed)
     train = [i for i in train if cache.entry(i)["id"] in keep]
-    val = [i for i in labelled if splits[i] == "val"]
+    val = [i for i in labelled if splits[i] in cfg.eval_splits]
     save_yaml(to_dict(cfg), run_dir / "config.yaml")
 
     groups = param_groups_lrd(model, cfg.weight_decay, cfg.layer_decay, model.encoder.num_layers)
@@ -172,7 +180,8 @@ def run_finetune_seg(cfg: SegConfig, out: str | Path, init: str | None = None, p
     logger = MetricsLogger(run_dir)
     bar = Progress(cfg.max_steps, 0, f"finetune seg ({how})", enabled=progress)
     meta = {"task": "finetune-seg", "config": to_dict(cfg), "model": to_dict(cfg.model), "unetr": to_dict(cfg.unetr),
-            "preprocess": to_dict(cfg.data.preprocess), "model_class": "UNETR3D", "init": str(init) if init else None,
+            "preprocess": to_dict(cfg.data.preprocess), "model_class": "UNETR3D",
+            "init": str(init) if init and load_weights else None,
             "train_ids": [cache.entry(i)["id"] for i in train], "val_ids": [cache.entry(i)["id"] for i in val]}
     rng = np.random.default_rng(cfg.seed)
     t0 = time.perf_counter()
