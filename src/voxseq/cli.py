@@ -168,6 +168,25 @@ def finetune_seg(
                f"validation mean Dice {r['val']['mean_dice']:.4f} in {r['seconds']:.0f} s -> {out}")
 
 
+@finetune_app.command("cls")
+def finetune_cls(
+    config: Path = typer.Option(..., "--config", "-c", help="YAML config (see configs/cls_phantom_tiny.yaml)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder."),
+    init: Optional[Path] = typer.Option(None, "--init", help="Checkpoint or run folder to take the encoder from (default: scratch)."),
+    label_ratio: Optional[float] = typer.Option(None, "--label-ratio", help="Train on this fraction of the labelled cases."),
+    overrides: List[str] = typer.Argument(None, help="Config overrides key=value (e.g. linear_probe=true)."),
+) -> None:
+    """Volume classification (mean-pooled tokens -> head); AUC, ACC, sensitivity, specificity."""
+    from voxseq.tasks.finetune_cls import load_cls_config, run_finetune_cls
+
+    extra = [f"label_ratio={label_ratio}"] if label_ratio is not None else []
+    cfg = load_cls_config(config, list(overrides or []) + extra)
+    r = run_finetune_cls(cfg, out, init=str(init) if init else None)
+    m = r["metrics"]
+    typer.echo(f"{r['how']}; {r['n_train']} training / {r['n_eval']} evaluation volumes; AUC {m['auc']:.3f} "
+               f"ACC {m['acc']:.3f} sensitivity {m['sensitivity']:.3f} specificity {m['specificity']:.3f} -> {out}")
+
+
 @app.command()
 def evaluate(
     checkpoint: Path = typer.Option(..., "--checkpoint", help="A segmentation checkpoint or run folder."),

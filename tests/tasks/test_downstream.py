@@ -118,3 +118,26 @@ def test_finetune_evaluate_predict(tmp_path, ar_run, samples):
     assert np.allclose(seg.GetSpacing(), src.GetSpacing(), atol=1e-4) and np.allclose(seg.GetOrigin(), src.GetOrigin(), atol=1e-3)
     assert np.allclose(seg.GetDirection(), src.GetDirection())  # brain1 is LAS: written back in LAS
     assert main(["predict", "--checkpoint", str(ar_run), "--out", str(tmp_path / "p2"), str(samples / "brain1_image.nrrd")]) == 2
+
+
+def test_binary_metrics_known_values():
+    from voxseq.tasks.finetune_cls import binary_metrics
+
+    m = binary_metrics(np.array([0.9, 0.8, 0.3, 0.2, 0.6]), np.array([1, 1, 1, 0, 0]))
+    assert m["auc"] == pytest.approx(5 / 6) and m["acc"] == pytest.approx(0.6)  # 5 of 6 pos/neg pairs ordered
+    assert m["sensitivity"] == pytest.approx(2 / 3) and m["specificity"] == pytest.approx(0.5)
+
+
+def test_finetune_cls_linear_probe_keeps_encoder(tmp_path, ar_run):
+    from voxseq.train.checkpoint import load_checkpoint
+
+    out = tmp_path / "cls"
+    assert main(["finetune", "cls", "--config", str(ROOT / "configs" / "cls_phantom_tiny.yaml"), "--init", str(ar_run),
+                 "--out", str(out), "data.phantoms.n_ct=12", "data.phantoms.size_xy=48", "data.phantoms.max_slices=48",
+                 "input_zyx=[32,32,32]", "max_steps=3", "batch_size=2", "linear_probe=true", "label_key=liver lesion"]) == 0
+    ck = load_checkpoint(out)
+    ar = load_checkpoint(ar_run)
+    for k, v in ck.state_dict.items():
+        if k.startswith("encoder."):
+            assert torch.equal(v, ar.state_dict[k])  # frozen encoder: exactly the pretrained weights
+    assert set(ck.meta["eval"]) == {"auc", "acc", "sensitivity", "specificity"}
