@@ -241,6 +241,22 @@ def label_efficiency(
     typer.echo(f"-> {out / 'results.md'}")
 
 
+@experiment_app.command("linear-probe")
+def linear_probe(
+    config: Path = typer.Option(..., "--config", "-c", help="Segmentation config giving the labelled data (e.g. configs/seg_phantom_tiny.yaml)."),
+    init: Path = typer.Option(..., "--init", help="The pretrained checkpoint or run folder."),
+    out: Path = typer.Option(..., "--out", "-o", help="Experiment folder."),
+    overrides: List[str] = typer.Argument(None, help="Config overrides key=value."),
+) -> None:
+    """Per-token linear probe (organ at each token's centre): pretrained versus random encoder."""
+    from voxseq.tasks.experiments import run_token_probe
+
+    r = run_token_probe(config, init, out, list(overrides or []))
+    for name in ("pretrained", "random"):
+        typer.echo(f"{name:10s} accuracy {r[name]['accuracy']:.4f}  balanced accuracy {r[name]['balanced_accuracy']:.4f}")
+    typer.echo(f"-> {out / 'token_probe.md'}")
+
+
 # ---------------------------------------------------------------------------- embed
 
 

@@ -141,3 +141,15 @@ def test_finetune_cls_linear_probe_keeps_encoder(tmp_path, ar_run):
         if k.startswith("encoder."):
             assert torch.equal(v, ar.state_dict[k])  # frozen encoder: exactly the pretrained weights
     assert set(ck.meta["eval"]) == {"auc", "acc", "sensitivity", "specificity"}
+
+
+def test_token_linear_probe_runs_on_both_encoders(tmp_path, ar_run):
+    out = tmp_path / "probe"
+    assert main(["experiment", "linear-probe", "--config", str(ROOT / "configs" / "seg_phantom_tiny.yaml"), "--init",
+                 str(ar_run), "--out", str(out), "data.phantoms.n_ct=10", "data.phantoms.size_xy=48",
+                 "data.phantoms.max_slices=48", "eval_splits=[val,test]"]) == 0
+    r = json.loads((out / "token_probe.json").read_text())
+    for name in ("pretrained", "random"):
+        assert r[name]["test_tokens"] > 50
+        assert 1 / 11 < r[name]["balanced_accuracy"] <= 1  # organs are partly linearly decodable from tokens
+    assert r["n_train_volumes"] == 7 and r["n_test_volumes"] == 3
