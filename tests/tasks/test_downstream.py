@@ -16,7 +16,8 @@ from voxseq.data.preprocess import Preprocess
 from voxseq.models.unetr import UNETR3D, UNETRConfig, default_skips
 from voxseq.models.vit3d import ViT3D, ViTConfig
 from voxseq.tasks.encoders import embed_file, encoder_from_checkpoint
-from voxseq.tasks.finetune_seg import _subset, dice_per_class
+from voxseq.data.adapters import label_subset
+from voxseq.tasks.finetune_seg import dice_per_class
 
 ROOT = Path(__file__).resolve().parents[2]
 AR_TINY = ["model.depth=2", "model.embed_dim=32", "model.num_heads=2", "batch_size=2", "warmup_steps=2",
@@ -57,8 +58,11 @@ def test_dice_known_values():
 
 def test_label_ratio_subset_is_fixed():
     ids = [f"c{i}" for i in range(20)]
-    a = _subset(ids, 0.1, 0)
-    assert len(a) == 2 and a == _subset(list(reversed(ids)), 0.1, 0) and a <= _subset(ids, 1.0, 0)
+    a = label_subset(ids, 0.1, 0)
+    assert len(a) == 2 and a == label_subset(list(reversed(ids)), 0.1, 0) and a <= label_subset(ids, 1.0, 0)
+    assert len(label_subset(ids, 0.01, 0)) == 1
+    with pytest.raises(VoxseqError, match="label_ratio"):
+        label_subset(ids, 0.0)
 
 
 def test_encoder_loads_from_ar_checkpoint(ar_run):

@@ -58,6 +58,16 @@ def split_ids(ids: Iterable[str], ratios=(0.7, 0.1, 0.2), seed: int = 0) -> dict
     return out
 
 
+def label_subset(ids: Iterable[str], ratio: float, seed: int = 0) -> set[str]:
+    """The fixed-seed subset of ``ids`` used when training on a fraction ``ratio`` of the labels
+    (at least one case); the same ids for the same seed, whatever the input order."""
+    if not 0 < ratio <= 1:
+        raise VoxseqError(f"label_ratio must be in (0, 1], not {ratio}")
+    ids = sorted(set(ids))
+    order = np.random.default_rng(seed).permutation(len(ids))
+    return {ids[i] for i in order[: max(1, int(round(ratio * len(ids))))]}
+
+
 def _need(path: Path, what: str, check: bool) -> str:
     if check and not path.exists():
         raise VoxseqError(f"{path}: {what} listed by the dataset is missing")

@@ -19,6 +19,7 @@ from torch import nn
 
 from voxseq import VoxseqError
 from voxseq.config import from_dict, load_config, save_yaml, to_dict
+from voxseq.data.adapters import label_subset
 from voxseq.data.preprocess import Preprocess
 from voxseq.models.vit3d import ViT3D, ViTConfig
 from voxseq.tasks.data import DataConfig, ensure_cache, open_cache
@@ -109,8 +110,8 @@ def run_finetune_cls(cfg: ClsConfig, out: str | Path, init: str | None = None, p
     label = {i: float(cache.entry(i)["classes"][cfg.label_key]) for i in have}
     train = [i for i in have if cache.entry(i)["split"] == "train"]
     rng = np.random.default_rng(cfg.seed)
-    if cfg.label_ratio < 1:
-        train = sorted(rng.permutation(train)[: max(2, int(round(cfg.label_ratio * len(train))))].tolist())
+    keep = label_subset([cache.entry(i)["id"] for i in train], cfg.label_ratio, cfg.seed)
+    train = [i for i in train if cache.entry(i)["id"] in keep]
     evals = [i for i in have if cache.entry(i)["split"] in cfg.eval_splits]
     if not train or not evals:
         raise VoxseqError(f"need training and evaluation volumes with {cfg.label_key!r}; have {len(train)} / {len(evals)}")

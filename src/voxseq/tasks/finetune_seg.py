@@ -19,7 +19,7 @@ import torch
 
 from voxseq import VoxseqError
 from voxseq.config import from_dict, load_config, save_yaml, to_dict
-from voxseq.data.adapters import split_ids
+from voxseq.data.adapters import label_subset, split_ids
 from voxseq.data.preprocess import Preprocess, to_source_grid
 from voxseq.models.unetr import UNETR3D, UNETRConfig
 from voxseq.models.vit3d import ViTConfig
@@ -57,15 +57,6 @@ class SegConfig:
 
 def load_seg_config(path, overrides=None) -> SegConfig:
     return load_config(SegConfig, path, overrides)
-
-
-def _subset(ids: list[str], ratio: float, seed: int) -> set[str]:
-    if not 0 < ratio <= 1:
-        raise VoxseqError(f"label_ratio must be in (0, 1], not {ratio}")
-    ids = sorted(ids)
-    n = max(1, int(round(ratio * len(ids))))
-    order = np.random.default_rng(seed).permutation(len(ids))
-    return {ids[i] for i in order[:n]}
 
 
 def sample_crop(cache, i: int, roi, rng, pos_fraction: float) -> tuple[np.ndarray, np.ndarray]:
@@ -169,7 +160,7 @@ def run_finetune_seg(cfg: SegConfig, out: str | Path, init: str | None = None, p
         auto = split_ids(ids, (0.8, 0.2, 0.0), seed=cfg.seed)
         splits = {i: auto[cache.entry(i)["id"]] if auto[cache.entry(i)["id"]] != "test" else "val" for i in labelled}
     train = [i for i in labelled if splits[i] == "train"]
-    keep = _subset([cache.entry(i)["id"] for i in train], cfg.label_ratio, cfg.seed)
+    keep = label_subset([cache.entry(i)["id"] for i in train], cfg.label_ratio, cfg.seed)
     train = [i for i in train if cache.entry(i)["id"] in keep]
     val = [i for i in labelled if splits[i] in cfg.eval_splits]
     save_yaml(to_dict(cfg), run_dir / "config.yaml")
