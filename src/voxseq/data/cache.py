@@ -411,11 +411,6 @@ class Cache:
     def ids(self) -> list[str]:
         return [e["id"] for e in self.entries]
 
-    def geometry(self, i: int) -> Volume:
-        """The cached volume's grid as a :class:`Volume` (array: the memmap), for mapping back to files."""
-        e = self.entries[i]
-        return Volume(self.image(i), tuple(e["spacing_xyz"]), tuple(e["origin_xyz"]), tuple(e["direction"]), {"id": e["id"]})
-
     def verify(self, i: int) -> list[str]:
         """Names of this volume's files whose checksum does not match (empty when intact)."""
         e = self.entries[i]

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from voxseq import VoxseqError
-from voxseq.config import from_dict, load_config, save_yaml, to_dict
+from voxseq.config import load_config, save_yaml, to_dict
 from voxseq.models.vit3d import ARViT3D, ViTConfig, count_params, flops_per_token
 from voxseq.objectives.ar import norm_pixel_loss, prefix_loss_mask
 from voxseq.sequence import ResumableSampler, SequenceConfig, SequenceDataset, collate_sequences
@@ -259,9 +259,5 @@ def plot_reconstruction(model: ARViT3D, dataset: SequenceDataset, path: Path, de
     return path
 
 
-def config_from_checkpoint_meta(meta: dict[str, Any]) -> ARPretrainConfig:
-    return from_dict(ARPretrainConfig, meta["config"])
-
-
-__all__ = ["ARPretrainConfig", "config_from_checkpoint_meta", "load_ar_config", "make_ar_plots", "plot_reconstruction",
+__all__ = ["ARPretrainConfig", "load_ar_config", "make_ar_plots", "plot_reconstruction",
            "predict_sequence", "run_pretrain_ar"]
