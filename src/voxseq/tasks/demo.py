@@ -64,7 +64,8 @@ def plot_sequences(cache: Cache, seq_cfg, path: Path) -> Path:
                              dpi=110, squeeze=False)
     for row, kind in enumerate(kinds):
         cfg = replace(seq_cfg, kind_weights={kind: 1.0}, augment=AugmentConfig(intensity_prob=0.0))
-        item = SequenceDataset(cache, cfg)[3]
+        ds = SequenceDataset(cache, cfg)
+        item = max((ds[i] for i in range(8)), key=lambda it: float(it["tokens"].std()))  # the most telling of a few
         k = cfg.tokens_per_subvolume
         n = item["tokens"].shape[0] // k
         subs = unpatchify(item["tokens"].reshape(n, k, -1), cfg.patch_size, cfg.grid)[:, 0]

@@ -247,8 +247,11 @@ def plot_reconstruction(model: ARViT3D, dataset: SequenceDataset, path: Path, de
     for i in range(n):
         axes[0, i].imshow(inp[i, mid], cmap="gray", vmin=lo, vmax=hi)
         axes[0, i].set_title(f"input {i}" + (" (prefix)" if i == 0 else ""), fontsize=9)
-        axes[1, i].imshow(rec[i, mid], cmap="gray", vmin=lo, vmax=hi)
-        axes[1, i].set_title("prefix (not predicted)" if i == 0 else f"predicted {i}", fontsize=9)
+        if i == 0:  # the prefix is given, not predicted
+            axes[1, i].text(0.5, 0.5, "prefix:\ngiven to the model", ha="center", va="center", fontsize=9)
+        else:
+            axes[1, i].imshow(rec[i, mid], cmap="gray", vmin=lo, vmax=hi)
+            axes[1, i].set_title(f"predicted {i}", fontsize=9)
         for a in axes[:, i]:
             a.axis("off")
     fig.suptitle(f"{['spatial', 'contrast', 'semantic'][item['kind']]} sequence: inputs and next-token predictions")
