@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.voxseq-installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-slow bench setup clean
+.PHONY: demo test bench setup clean
 
 setup: $(STAMP)
 
@@ -20,9 +20,6 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
-
-test-slow: $(STAMP)
-	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_data.py
