@@ -129,7 +129,7 @@ def main() -> None:
         print(json.dumps(worker(kind, int(seq_len), int(depth), int(steps), int(batch))))
         return
 
-    depth, steps = (2, 2) if args.quick else (6, 4)
+    depth, steps = (2, 2) if args.quick else (6, 8)
     peak = max(run(["--gemm"])["gflops"] for _ in range(2))
     print(f"fp32 GEMM peak: {peak:.1f} GFLOP/s; model: {depth} layers, width {WIDTH}, {HEADS} heads, MLP {MLP}, patch {PATCH}")
     res: dict[tuple[str, int], dict] = {}
