@@ -122,3 +122,80 @@ def test_encoder_keys_load_into_bare_vit():
     missing, unexpected = fresh.load_state_dict(enc_state)
     assert not missing and not unexpected
     assert "start_token" in model.no_weight_decay()
+
+
+# ---------------------------------------------------------------------------- 3D rotary positions
+
+ROPE = dict(TINY, embed_dim=48, num_heads=2, pos_embed="rope3d")  # head dim 24 -> (6, 8, 8) rotated channels
+
+
+def test_rope_axis_split():
+    from voxseq.models.vit3d import rope_axis_dims
+
+    assert rope_axis_dims(64, [2, 3, 3]) == [16, 24, 24]  # the reference h:w:t = 3:3:2 of 64
+    assert rope_axis_dims(24, [2, 3, 3]) == [6, 8, 8]
+    assert rope_axis_dims(32, [0, 1, 1]) == [0, 16, 16]  # z unrotated: a 2D rotary model
+    with pytest.raises(VoxseqError, match="rope_split"):
+        ViTConfig(**dict(ROPE, rope_split=[1, 1]))
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    from voxseq.models.vit3d import apply_rope, rope_angles
+
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 24), torch.randn(1, 1, 1, 24)
+
+    def score(pq, pk):
+        pos = torch.tensor([[pq, pk]], dtype=torch.float32)  # (1, 2, 3)
+        rope = rope_angles(pos, 24, [2, 3, 3])
+        qq = apply_rope(q.expand(1, 1, 2, 24), rope)[..., 0, :]
+        kk = apply_rope(k.expand(1, 1, 2, 24), rope)[..., 1, :]
+        return float((qq * kk).sum())
+
+    base = score((0, 1, 2), (3, 5, 1))
+    for shift in [(7, 0, 0), (250, -3, 4), (0.5, 2, 2)]:  # z far beyond anything seen in training
+        moved = score(tuple(a + s for a, s in zip((0, 1, 2), shift)), tuple(a + s for a, s in zip((3, 5, 1), shift)))
+        assert moved == pytest.approx(base, abs=1e-4)
+    assert score((0, 1, 2), (4, 5, 1)) != pytest.approx(base, abs=1e-3)  # a different offset scores differently
+    # norms are preserved: rotation only
+    rope = rope_angles(torch.tensor([[[3.0, 1.0, 2.0]]]), 24, [2, 3, 3])
+    assert torch.allclose(apply_rope(q, rope).norm(), q.norm(), atol=1e-5)
+
+
+def test_rope_model_is_translation_equivariant_and_takes_any_number_of_slices():
+    torch.manual_seed(0)
+    enc = ViT3D(ViTConfig(**ROPE)).eval()
+    assert enc.uses_rope
+    tokens = torch.randn(1, 24, 64)
+    grid = torch.stack(torch.meshgrid(*[torch.arange(g) for g in (2, 3, 4)], indexing="ij"), -1).reshape(1, -1, 3).float()
+    a = enc.forward_tokens(tokens, grid)
+    b = enc.forward_tokens(tokens, grid + torch.tensor([40.0, 0.0, 0.0]))  # the same chunk 40 patches further along z
+    assert torch.allclose(a, b, atol=1e-4)
+    with torch.no_grad():  # 8 slices and 300 slices through the same weights; image path == token path
+        for depth in (8, 300):
+            x = torch.randn(1, 1, depth, 8, 8)
+            f = enc.forward_features(x)
+            assert f.shape == (1, (depth // 4) * 2 * 2, 48) and torch.isfinite(f).all()
+        x = torch.randn(1, 1, 8, 12, 16)
+        g = torch.stack(torch.meshgrid(*[torch.arange(n) for n in (2, 3, 4)], indexing="ij"), -1).reshape(1, -1, 3).float()
+        assert torch.allclose(enc.forward_features(x), enc.forward_tokens(patchify(x, 4), g), atol=1e-5)
+
+
+def test_key_mask_keeps_padding_out():
+    torch.manual_seed(0)
+    enc = ViT3D(ViTConfig(**ROPE)).eval()
+    x = torch.randn(1, 1, 8, 8, 8)
+    padded = torch.cat([x, torch.randn(1, 1, 4, 8, 8) * 5], dim=2)  # one extra slab of junk
+    mask = torch.ones(1, 12, dtype=torch.bool)
+    mask[:, 8:] = False  # grid (3, 2, 2): the last z row of 4 tokens is padding
+    with torch.no_grad():
+        plain = enc.forward_features(x)
+        masked = enc.forward_features(padded, token_mask=mask)[:, :8]
+        unmasked = enc.forward_features(padded)[:, :8]
+    assert torch.allclose(plain, masked, atol=1e-5)
+    assert not torch.allclose(plain, unmasked, atol=1e-3)
+
+
+def test_ar_model_refuses_rotary_positions():
+    with pytest.raises(VoxseqError, match="sin-cos"):
+        ARViT3D(ViTConfig(**ROPE))

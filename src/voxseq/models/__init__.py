@@ -7,11 +7,14 @@ from voxseq.models.vit3d import (
     ViTConfig,
     build_ar_model,
     count_params,
+    apply_rope,
     flops_per_token,
+    key_padding_mask,
     prefix_causal_mask,
+    rope_angles,
     sincos_embed,
     vit_config,
 )
 
 __all__ = ["VIT_PRESETS", "ARViT3D", "ViT3D", "ViTConfig", "build_ar_model", "count_params", "flops_per_token",
-           "prefix_causal_mask", "sincos_embed", "vit_config"]
+           "apply_rope", "key_padding_mask", "prefix_causal_mask", "rope_angles", "sincos_embed", "vit_config"]

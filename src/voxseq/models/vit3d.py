@@ -4,12 +4,19 @@ One file, read top to bottom like the paper: config -> positions -> attention (p
 blocks -> encoder (``ViT3D``) -> autoregressive model (``ARViT3D``). Models compute no losses.
 
 Shapes: images (B, C, D, H, W); flattened patches ("tokens" before embedding) (B, L, C*p^3);
-embedded tokens (B, L, E); positions (B, L, 4) = (sub-volume, z, y, x) in patch units.
+embedded tokens (B, L, E); positions (B, L, 4) = (sub-volume, z, y, x) in patch units (sin-cos), or
+(B, L, 3) = (z, y, x) (3D rotary; a 4-column position's first column is ignored there).
+
+Positions come in two kinds (``ViTConfig.pos_embed``): ``sincos`` adds fixed 3D sin-cos vectors to the
+tokens (AR-SSL4M); ``rope3d`` rotates queries and keys inside attention by angles proportional to each
+token's (z, y, x), the head dimension split between the three axes (SigVLP). Rotary attention scores
+depend only on relative positions, so the number of slices is unconstrained: a model trained on
+64-slice chunks runs on a 300-slice volume without interpolating anything.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -30,8 +37,9 @@ class ViTConfig:
     qkv_bias: bool = True
     drop_path_rate: float = 0.0
     norm_eps: float = 1e-6
-    pos_embed: str = "sincos"  # fixed 3D sin-cos over (sub-volume, z, y, x)
+    pos_embed: str = "sincos"  # sincos: fixed 3D sin-cos over (sub-volume, z, y, x); rope3d: rotary (z, y, x)
     pos_theta: float = 10000.0
+    rope_split: list[float] = field(default_factory=lambda: [2.0, 3.0, 3.0])  # head-dim shares of (z, y, x)
     attn_backend: str = "sdpa"  # "sdpa" everywhere; "flex" (CUDA only) skips fully masked blocks
     use_end_token: bool = False  # AR model: append a learned end token after the last token
 
@@ -40,8 +48,13 @@ class ViTConfig:
             raise VoxseqError(f"model.embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if self.pos_embed == "sincos" and self.embed_dim % 8:
             raise VoxseqError(f"model.embed_dim {self.embed_dim} must be a multiple of 8 for 4-axis sin-cos positions")
-        if self.pos_embed not in ("sincos",):
-            raise VoxseqError(f"model.pos_embed {self.pos_embed!r} is not supported (known: sincos)")
+        if self.pos_embed not in ("sincos", "rope3d"):
+            raise VoxseqError(f"model.pos_embed {self.pos_embed!r} is not supported (known: sincos, rope3d)")
+        if self.pos_embed == "rope3d":
+            if len(self.rope_split) != 3 or min(self.rope_split) < 0 or sum(self.rope_split) <= 0:
+                raise VoxseqError(f"model.rope_split must be three non-negative shares (z, y, x), not {self.rope_split}")
+            if (self.embed_dim // self.num_heads) % 2:
+                raise VoxseqError("model.pos_embed=rope3d needs an even head dimension (embed_dim / num_heads)")
         if self.attn_backend not in ("sdpa", "flex"):
             raise VoxseqError(f"model.attn_backend must be 'sdpa' or 'flex', not {self.attn_backend!r}")
 
@@ -88,6 +101,41 @@ def grid_positions(grid_dhw: tuple[int, int, int], device=None) -> torch.Tensor:
     return torch.stack([torch.zeros_like(zz), zz, yy, xx], dim=-1).reshape(-1, 4)
 
 
+def rope_axis_dims(head_dim: int, split: list[float]) -> list[int]:
+    """Rotated channels per axis (z, y, x): even shares of the head dimension; what is left stays unrotated.
+
+    The reference split 2:3:3 of a 64-wide head gives (16, 24, 24)."""
+    total = float(sum(split))
+    return [int(head_dim * s / total) // 2 * 2 for s in split]
+
+
+def rope_angles(pos: torch.Tensor, head_dim: int, split: list[float], theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin), each (B, 1, L, R/2), of 3D rotary embedding for positions (B, L, 3) = (z, y, x).
+
+    Axis a gets d_a rotated channels (pairs) with frequencies theta^(-2i/d_a), as 1D RoPE per axis; the
+    pairs of the three axes are concatenated. Fractional positions are fine.
+    """
+    pos = pos[..., -3:].float()
+    parts = []
+    for a, d in enumerate(rope_axis_dims(head_dim, split)):
+        if d == 0:
+            continue
+        freqs = theta ** (-torch.arange(0, d, 2, device=pos.device, dtype=torch.float32) / d)  # (d/2,)
+        parts.append(pos[..., a, None] * freqs)  # (B, L, d/2)
+    angles = torch.cat(parts, dim=-1)[:, None]  # (B, 1, L, R/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate consecutive channel pairs of x (B, h, L, d) by the angles; channels past 2 * R/2 pass unchanged."""
+    cos, sin = rope
+    r = 2 * cos.shape[-1]
+    rot = x[..., :r].float().unflatten(-1, (-1, 2))  # (B, h, L, R/2, 2)
+    a, b = rot[..., 0], rot[..., 1]
+    out = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2).to(x.dtype)
+    return torch.cat([out, x[..., r:]], dim=-1) if r < x.shape[-1] else out
+
+
 # ---------------------------------------------------------------------------- attention
 
 
@@ -105,6 +153,11 @@ def prefix_causal_mask(length: int, prefix_len: torch.Tensor | int, device=None)
     in_prefix = i[None, :] < prefix_len[:, None]  # (B, L)
     both = in_prefix[:, :, None] & in_prefix[:, None, :]  # (B, L, L)
     return (causal[None] | both)[:, None]
+
+
+def key_padding_mask(token_mask: torch.Tensor) -> torch.Tensor:
+    """(B, N) True for real tokens -> (B, 1, 1, N) attention mask: no token attends to padding."""
+    return token_mask[:, None, None, :].bool()
 
 
 def _flex_prefix_attention(q, k, v, prefix_len):  # pragma: no cover - CUDA path
@@ -128,9 +181,11 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, is_causal: bool = False,
-                prefix_len: torch.Tensor | None = None) -> torch.Tensor:
+                prefix_len: torch.Tensor | None = None, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         b, n, e = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, h, L, d)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
         if self.backend == "flex" and prefix_len is not None and x.is_cuda:
             out = _flex_prefix_attention(q, k, v, prefix_len)
         else:
@@ -162,8 +217,8 @@ class Block(nn.Module):
         self.mlp.add_module("fc2", nn.Linear(hidden, dim))
         self.drop_path_rate = drop_path_rate
 
-    def forward(self, x: torch.Tensor, mask=None, is_causal: bool = False, prefix_len=None) -> torch.Tensor:
-        x = x + drop_path(self.attn(self.norm1(x), mask, is_causal, prefix_len), self.drop_path_rate, self.training)
+    def forward(self, x: torch.Tensor, mask=None, is_causal: bool = False, prefix_len=None, rope=None) -> torch.Tensor:
+        x = x + drop_path(self.attn(self.norm1(x), mask, is_causal, prefix_len, rope), self.drop_path_rate, self.training)
         return x + drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, self.training)
 
 
@@ -171,10 +226,11 @@ class Block(nn.Module):
 
 
 class ViT3D(nn.Module):
-    """3D ViT encoder: Conv3d patch embedding, fixed 3D sin-cos positions, pre-LN blocks, final LN.
+    """3D ViT encoder: Conv3d patch embedding, 3D positions (sin-cos or rotary), pre-LN blocks, final LN.
 
     Takes images of any D, H, W that are multiples of the patch size (positions are computed for
     the actual grid, no interpolation), or flattened token sequences with explicit positions.
+    ``token_mask`` (B, N), True for real tokens, keeps padding tokens out of every token's attention.
     """
 
     def __init__(self, cfg: ViTConfig):
@@ -199,57 +255,78 @@ class ViT3D(nn.Module):
 
     # -- embeddings
 
+    @property
+    def uses_rope(self) -> bool:
+        return self.cfg.pos_embed == "rope3d"
+
+    def rope_for(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Rotary (cos, sin) for positions (B, L, 3|4), or None with sin-cos positions."""
+        if not self.uses_rope:
+            return None
+        return rope_angles(pos, self.cfg.embed_dim // self.cfg.num_heads, self.cfg.rope_split, self.cfg.pos_theta)
+
     def embed_tokens(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Flattened patches (B, L, C*p^3) + positions (B, L, 4) -> (B, L, E).
+        """Flattened patches (B, L, C*p^3) + positions (B, L, 4) -> (B, L, E) (sin-cos added; rotary: none here).
 
         Uses the Conv3d weight as a linear map, so image and token paths share weights exactly.
         """
         w = self.patch_embed.weight.flatten(1)  # (E, C*p^3), in (C, pz, py, px) order
         x = F.linear(tokens, w, self.patch_embed.bias)
+        if self.uses_rope:
+            return x
         return x + sincos_embed(pos, self.cfg.embed_dim, self.cfg.pos_theta).to(x.dtype)
 
     def embed_image(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
-        """(B, C, D, H, W) -> tokens (B, N, E) with positions added, and the (gd, gh, gw) grid."""
+        """(B, C, D, H, W) -> tokens (B, N, E) (sin-cos positions added), and the (gd, gh, gw) grid."""
         p = self.cfg.patch_size
         if any(s % p for s in x.shape[2:]):
             raise VoxseqError(f"input size {tuple(x.shape[2:])} is not a multiple of the patch size {p}; pad it first")
         x = self.patch_embed(x)  # (B, E, gd, gh, gw)
         grid = tuple(x.shape[2:])
         x = x.flatten(2).transpose(1, 2)  # (B, N, E)
+        if self.uses_rope:
+            return x, grid  # type: ignore[return-value]
         pos = grid_positions(grid, x.device)  # type: ignore[arg-type]
         return x + sincos_embed(pos, self.cfg.embed_dim, self.cfg.pos_theta).to(x.dtype), grid  # type: ignore[return-value]
 
     # -- trunk
 
     def run_blocks(self, x: torch.Tensor, mask=None, is_causal: bool = False, prefix_len=None,
-                   indices: set[int] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                   indices: set[int] | None = None, rope=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         taken = []
         for i, blk in enumerate(self.blocks):
-            x = blk(x, mask, is_causal, prefix_len)
+            x = blk(x, mask, is_causal, prefix_len, rope)
             if indices is not None and i in indices:
                 taken.append(x)
         return x, taken
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def _image_trunk(self, x: torch.Tensor, token_mask: torch.Tensor | None, indices: set[int] | None = None):
+        x, grid = self.embed_image(x)
+        rope = self.rope_for(grid_positions(grid, x.device)[None]) if self.uses_rope else None
+        mask = key_padding_mask(token_mask) if token_mask is not None else None
+        return self.run_blocks(x, mask, indices=indices, rope=rope)
+
+    def forward_features(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, C, D, H, W) -> normalised token features (B, N, E), bidirectional attention."""
-        x, _ = self.embed_image(x)
-        x, _ = self.run_blocks(x)
+        x, _ = self._image_trunk(x, token_mask)
         return self.norm(x)
 
-    def forward_intermediates(self, x: torch.Tensor, indices: list[int]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def forward_intermediates(self, x: torch.Tensor, indices: list[int],
+                              token_mask: torch.Tensor | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Outputs (B, N, E) of the given blocks (0-based; UNETR skips: 3, 6, 9 of 12) and the final features."""
         bad = [i for i in indices if not 0 <= i < self.num_layers]
         if bad:
             raise VoxseqError(f"block indices {bad} outside 0..{self.num_layers - 1}")
-        x, _ = self.embed_image(x)
-        x, taken = self.run_blocks(x, indices=set(indices))
+        x, taken = self._image_trunk(x, token_mask, set(indices))
         order = sorted(set(indices))
         by_index = dict(zip(order, taken))
         return [by_index[i] for i in indices], self.norm(x)
 
     def forward_tokens(self, tokens: torch.Tensor, pos: torch.Tensor, mask=None, is_causal: bool = False) -> torch.Tensor:
-        """Token sequences (B, L, C*p^3) with positions (B, L, 4) -> features (B, L, E)."""
-        x, _ = self.run_blocks(self.embed_tokens(tokens, pos), mask, is_causal)
+        """Token sequences (B, L, C*p^3) with positions (B, L, 4) ((B, L, 3) suffices for rotary) -> (B, L, E).
+
+        ``mask`` (B, 1, L, L) bool, e.g. block-diagonal for several chunks packed into one row."""
+        x, _ = self.run_blocks(self.embed_tokens(tokens, pos), mask, is_causal, rope=self.rope_for(pos))
         return self.norm(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -281,6 +358,8 @@ class ARViT3D(nn.Module):
 
     def __init__(self, cfg: ViTConfig):
         super().__init__()
+        if cfg.pos_embed != "sincos":
+            raise VoxseqError("AR-SSL4M pretraining uses sin-cos positions (model.pos_embed=sincos)")
         self.cfg = cfg
         self.encoder = ViT3D(cfg)
         self.start_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
@@ -334,5 +413,6 @@ def flops_per_token(cfg: ViTConfig, seq_len: int, training: bool = True) -> floa
     return total * (3 if training else 1)
 
 
-__all__ = ["ARViT3D", "Attention", "Block", "VIT_PRESETS", "ViT3D", "ViTConfig", "build_ar_model", "count_params",
-           "flops_per_token", "grid_positions", "prefix_causal_mask", "sincos_embed", "vit_config"]
+__all__ = ["ARViT3D", "Attention", "Block", "VIT_PRESETS", "ViT3D", "ViTConfig", "apply_rope", "build_ar_model",
+           "count_params", "flops_per_token", "grid_positions", "key_padding_mask", "prefix_causal_mask", "rope_angles",
+           "rope_axis_dims", "sincos_embed", "vit_config"]
