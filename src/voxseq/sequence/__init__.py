@@ -1,5 +1,22 @@
-"""Token sequences from 3D volumes: patchify/unpatchify and the spatial/contrast/semantic samplers."""
+"""Token sequences from 3D volumes: patchify/unpatchify, the spatial/contrast/semantic samplers (AR-SSL4M) and
+chunk-text pairs with packing (SigVLP)."""
 
+from voxseq.sequence.chunks import (
+    ChunkBatchSampler,
+    ChunkConfig,
+    ChunkTextDataset,
+    chunk_batches,
+    collate_packed,
+    label_counts,
+    organs_in_chunk,
+    pack_lengths,
+    packed_attention_mask,
+    padding_waste,
+    segment_mean,
+    sentence_key,
+    sentence_labels,
+    volume_chunks,
+)
 from voxseq.sequence.patches import patch_grid_coords, patchify, patchify_np, unpatchify
 from voxseq.sequence.samplers import (
     KINDS,
@@ -14,6 +31,8 @@ from voxseq.sequence.samplers import (
     read_window,
 )
 
-__all__ = ["KINDS", "ArraySource", "AugmentConfig", "ResumableSampler", "SequenceConfig", "SequenceDataset",
-           "VolumeSource", "collate_sequences", "measure_sampler", "patch_grid_coords", "patchify", "patchify_np",
-           "read_window", "unpatchify"]
+__all__ = ["KINDS", "ArraySource", "AugmentConfig", "ChunkBatchSampler", "ChunkConfig", "ChunkTextDataset",
+           "ResumableSampler", "SequenceConfig", "SequenceDataset", "VolumeSource", "chunk_batches", "collate_packed",
+           "collate_sequences", "label_counts", "measure_sampler", "organs_in_chunk", "pack_lengths",
+           "packed_attention_mask", "padding_waste", "patch_grid_coords", "patchify", "patchify_np", "read_window",
+           "segment_mean", "sentence_key", "sentence_labels", "unpatchify", "volume_chunks"]

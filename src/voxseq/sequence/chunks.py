@@ -1,0 +1,419 @@
+"""Chunk-text pairs for SigVLP: a CT volume of any size is a sequence of z-slabs ("chunks"), and each chunk
+is paired with the sentences of the organs it shows, not with the whole report.
+
+Pairing. A sentence belongs to an organ made of one or more label ids (:func:`sentence_labels`); the organ
+counts as shown by a chunk when the chunk holds at least ``organ_fraction`` of the organ's voxels in the
+volume (a small organ seen whole) or when the organ fills at least ``chunk_fraction`` of the chunk (a big
+organ seen in part: a thin slab through the liver is about the liver even if it holds 10% of it). Volumes
+with RadGenome region masks (``Cache.regions``) use region bits instead of labels, with a sentence's name
+equal to its region's name. Volumes without masks but with a report fall back to report-level pairing.
+
+Variable size. Chunks have a free number of slices (``min_slices``..``max_slices``, multiples of the patch)
+and any in-plane size, so items have different token counts. Instead of padding every item to the longest,
+:func:`collate_packed` packs several chunks into one row (first-fit decreasing) and attention is kept inside
+each chunk by a block-diagonal mask (:func:`packed_attention_mask`); :func:`segment_mean` pools one
+embedding per chunk. Padding stays under ~10% of the tokens on a realistic mix.
+
+Like :class:`voxseq.sequence.SequenceDataset`, item ``i`` is a pure function of ``(cfg.seed, i)``: it does
+not depend on DataLoader workers, and resuming at step ``s`` means starting at index ``s * chunks_per_batch``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from voxseq import VoxseqError
+from voxseq.sequence.patches import patch_grid_coords, patchify
+from voxseq.sequence.samplers import VolumeSource, read_window
+
+TEXT_MODES = ("all", "one")
+_RETRIES = 8  # redraws of a chunk's z range before a volume with masks falls back to its report
+
+
+@dataclass
+class ChunkConfig:
+    """How chunks are cut and paired with text. Sizes are voxels of the cache grid."""
+
+    patch_size: int = 16
+    min_slices: int = 32  # chunk thickness along z: a multiple of patch_size drawn in [min, max]
+    max_slices: int = 128
+    crop_yx: list[int] | None = None  # in-plane crop; None = the whole slice padded up to a multiple of the patch
+    organ_fraction: float = 0.3  # shown: the chunk holds >= this fraction of the organ's voxels ...
+    chunk_fraction: float = 0.05  # ... or the organ fills >= this fraction of the chunk
+    max_sentences: int = 4  # at most this many organs' sentences per chunk (the ones filling most of it)
+    text_mode: str = "all"  # "all": the organs' sentences in anatomical order; "one": one drawn from them
+    pad_value: float = 0.0  # set it to the cache's out_range[0] (air) for CT
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        p = self.patch_size
+        if p < 1:
+            raise VoxseqError(f"chunks.patch_size must be positive, not {p}")
+        if self.min_slices % p or self.max_slices % p or not 0 < self.min_slices <= self.max_slices:
+            raise VoxseqError(f"chunks.min_slices {self.min_slices} and max_slices {self.max_slices} must be positive "
+                              f"multiples of patch_size {p} with min <= max")
+        if self.crop_yx is not None and (len(self.crop_yx) != 2 or any(s <= 0 or s % p for s in self.crop_yx)):
+            raise VoxseqError(f"chunks.crop_yx {self.crop_yx} must be two positive multiples of patch_size {p} (or null)")
+        for name in ("organ_fraction", "chunk_fraction"):
+            if not 0 < getattr(self, name) <= 1:
+                raise VoxseqError(f"chunks.{name} must be in (0, 1], not {getattr(self, name)}")
+        if self.max_sentences < 1:
+            raise VoxseqError(f"chunks.max_sentences must be at least 1, not {self.max_sentences}")
+        if self.text_mode not in TEXT_MODES:
+            raise VoxseqError(f"chunks.text_mode must be one of {TEXT_MODES}, not {self.text_mode!r}")
+
+
+# ---------------------------------------------------------------------------- sentences and organs
+
+
+def sentence_key(text: str) -> int:
+    """A stable 63-bit id of a sentence (lower-cased, whitespace-normalised), equal in every process and run.
+
+    SigLIP marks a chunk and a text as a positive pair when they share a sentence; Python's ``hash`` is
+    salted per process, so ranks and workers would disagree.
+    """
+    norm = " ".join(text.lower().split()).encode()
+    return int.from_bytes(hashlib.blake2b(norm, digest_size=8).digest(), "big") >> 1
+
+
+def sentence_labels(entry: dict) -> dict[str, list[int]]:
+    """Sentence (organ) name -> the label ids that make up that organ, in anatomical order.
+
+    ``entry["extra"]["sentence_labels"]`` when the dataset gives it; the phantom organs for CT phantoms;
+    otherwise {} (the volume is paired at report level).
+    """
+    extra = entry.get("extra") or {}
+    if extra.get("sentence_labels"):
+        return {name: [int(i) for i in ids] for name, ids in extra["sentence_labels"].items()}
+    if extra.get("kind") == "ct":
+        from voxseq.data.phantoms import SENTENCE_ORGANS
+
+        return {name: list(ids) for name, ids in SENTENCE_ORGANS.items()}
+    return {}
+
+
+def label_counts(labels: np.ndarray, n_bits: int = 0) -> np.ndarray:
+    """Voxels per label id: (256,) for a uint8 label map, or (n_bits,) per bit for packed region masks (uint32)."""
+    if labels.dtype == np.uint32:
+        return np.array([np.count_nonzero(labels & np.uint32(1 << r)) for r in range(n_bits)], np.int64)
+    return np.bincount(np.asarray(labels, np.uint8).ravel(), minlength=256).astype(np.int64)
+
+
+def organs_in_chunk(label_chunk: np.ndarray, label_counts_volume: np.ndarray, mapping: dict[str, list[int]],
+                    organ_fraction: float = 0.3, chunk_fraction: float = 0.05) -> list[str]:
+    """Organs of ``mapping`` that a chunk shows, most of the chunk first.
+
+    ``label_chunk``: the chunk's real (unpadded) voxels, uint8 labels or uint32 region bits;
+    ``label_counts_volume``: :func:`label_counts` of the whole volume (so the organ's share is exact).
+    """
+    here = label_counts(label_chunk, len(label_counts_volume))
+    size = max(1, label_chunk.size)
+    shown = []
+    for name, ids in mapping.items():
+        total = int(label_counts_volume[ids].sum())
+        inside = int(here[ids].sum())
+        if inside > 0 and (inside >= organ_fraction * total or inside >= chunk_fraction * size):
+            shown.append((inside, name))
+    order = {name: k for k, name in enumerate(mapping)}
+    return [name for _, name in sorted(shown, key=lambda t: (-t[0], order[t[1]]))]
+
+
+# ---------------------------------------------------------------------------- reading chunks
+
+
+def _round_up(n: int, p: int) -> int:
+    return -(-n // p) * p
+
+
+def _chunk_tokens(window: np.ndarray, p: int) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int, int]]:
+    """(C, t, Y, X) window -> tokens (L, C*p^3) float32, pos (L, 3) float32 (z, y, x) in patches, grid."""
+    x = torch.from_numpy(np.ascontiguousarray(window)).float()[None]  # (1, C, t, Y, X)
+    grid = tuple(s // p for s in window.shape[1:])
+    pos = torch.from_numpy(patch_grid_coords(grid).astype(np.float32))
+    return patchify(x, p)[0], pos, grid  # type: ignore[return-value]
+
+
+def volume_chunks(image: np.ndarray, patch_size: int = 16, chunk_slices: int | None = None,
+                  pad_value: float = 0.0) -> list[dict[str, Any]]:
+    """A whole (C, Z, Y, X) volume of any size as consecutive z-chunks of tokens, for inference.
+
+    Each axis is padded (centred in-plane, at the end along z) up to a multiple of the patch; ``chunk_slices``
+    (a multiple of the patch) cuts the volume into slabs, None keeps it one chunk. Each chunk: ``tokens``
+    (L, C*p^3), ``pos`` (L, 3) with z counted from the chunk's first slice (as in training), ``grid``,
+    ``z0``, ``z1`` (its slices in the volume, z1 may pass the end where padded).
+    """
+    p = patch_size
+    if image.ndim == 3:
+        image = image[None]
+    c, nz, ny, nx = image.shape
+    if chunk_slices is not None and (chunk_slices <= 0 or chunk_slices % p):
+        raise VoxseqError(f"chunk_slices {chunk_slices} must be a positive multiple of the patch size {p}")
+    size_yx = [_round_up(ny, p), _round_up(nx, p)]
+    start_yx = [-((s - n) // 2) for s, n in zip(size_yx, (ny, nx))]
+    step = chunk_slices or _round_up(nz, p)
+    chunks = []
+    for z0 in range(0, nz, step):
+        t = min(step, _round_up(nz - z0, p))
+        window, _ = read_window(image, [z0, *start_yx], [t, *size_yx], pad_value)
+        tokens, pos, grid = _chunk_tokens(window, p)
+        chunks.append({"tokens": tokens, "pos": pos, "grid": grid, "z0": z0, "z1": z0 + t})
+    return chunks
+
+
+# ---------------------------------------------------------------------------- the dataset
+
+
+class ChunkTextDataset(torch.utils.data.Dataset):
+    """Map-style dataset of (chunk, text) pairs; ``dataset[i]`` depends only on (cfg.seed, i).
+
+    Each item: ``tokens`` float32 (L, C*p^3), ``pos`` float32 (L, 3) = (z, y, x) of each token in patch
+    units, z from the chunk's first slice; ``grid`` (gz, gy, gx); ``text`` str; ``sentence_keys`` the
+    :func:`sentence_key` of each sentence in ``text`` (the report's for report-level pairs); ``shown_keys``
+    the keys of all sentences of the organs shown (before ``max_sentences`` and ``text_mode``: what the
+    chunk is a positive for); ``organs`` the organs in ``text``; ``volume_index``; ``z0``, ``z1`` the
+    chunk's slices in the volume (the range may pass the volume's ends where it is padded).
+    """
+
+    def __init__(self, source: VolumeSource, cfg: ChunkConfig, length: int = 10**9, max_cached: int = 4096):
+        self.source, self.cfg, self.length = source, cfg, length
+        self.volumes = [i for i in range(len(source)) if _has_text(source.entry(i))]
+        if not self.volumes:
+            raise VoxseqError("no volume has a text (sentences or report) to pair chunks with")
+        self.max_cached = max_cached
+        self._counts: OrderedDict[int, np.ndarray] = OrderedDict()  # volume -> label_counts (small), LRU
+
+    def __len__(self) -> int:
+        return self.length
+
+    # -- per-volume masks
+
+    def _masks(self, v: int) -> tuple[np.ndarray | None, dict[str, list[int]]]:
+        """The volume's organ masks (uint8 labels or uint32 region bits) and sentence -> ids / bits, or (None, {})."""
+        entry = self.source.entry(v)
+        sentences = entry.get("sentences") or {}
+        regions = self.source.regions(v) if hasattr(self.source, "regions") else None
+        if regions is not None:
+            mapping = {name: [r] for r, name in enumerate(entry.get("regions", [])) if name in sentences}
+            return (regions, mapping) if mapping else (None, {})
+        label = self.source.label(v)
+        mapping = {name: ids for name, ids in sentence_labels(entry).items() if name in sentences}
+        return (label, mapping) if label is not None and mapping else (None, {})
+
+    def _volume_counts(self, v: int, masks: np.ndarray) -> np.ndarray:
+        """Voxels per label id in the whole volume: read once per volume, then kept (a few KB each)."""
+        counts = self._counts.get(v)
+        if counts is None:
+            n_bits = len(self.source.entry(v).get("regions", []))
+            counts = self._counts[v] = label_counts(masks, n_bits)
+            if len(self._counts) > self.max_cached:
+                self._counts.popitem(last=False)
+        else:
+            self._counts.move_to_end(v)
+        return counts
+
+    # -- sampling
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        cfg = self.cfg
+        rng = np.random.default_rng([cfg.seed, int(index)])
+        v = self.volumes[int(rng.integers(len(self.volumes)))]
+        image = self.source.image(v)  # (C, Z, Y, X)
+        masks, mapping = self._masks(v)
+        thickness = self._thickness(rng, image.shape[1])
+        start_yx, size_yx = self._inplane(rng, image.shape[2:])
+        organs: list[str] = []
+        for _ in range(_RETRIES if mapping else 1):
+            z0 = int(rng.integers(0, image.shape[1] - thickness + 1)) if image.shape[1] >= thickness \
+                else -((thickness - image.shape[1]) // 2)
+            if mapping:
+                organs = self._organs(v, masks, mapping, [z0, *start_yx], [thickness, *size_yx])
+                if organs:
+                    break
+        text, keys, organs, shown = self._text(rng, self.source.entry(v), organs)
+        window, _ = read_window(image, [z0, *start_yx], [thickness, *size_yx], cfg.pad_value)
+        tokens, pos, grid = _chunk_tokens(window, cfg.patch_size)
+        return {"tokens": tokens, "pos": pos, "grid": grid, "text": text, "sentence_keys": keys,
+                "shown_keys": shown, "organs": organs, "volume_index": v, "z0": z0, "z1": z0 + thickness}
+
+    def _thickness(self, rng, nz: int) -> int:
+        """A multiple of the patch in [min_slices, max_slices] that fits the volume; a volume thinner than
+        min_slices is taken whole (padded up to a multiple of the patch)."""
+        p = self.cfg.patch_size
+        hi = min(self.cfg.max_slices, nz // p * p)
+        if hi < self.cfg.min_slices:
+            return _round_up(nz, p)
+        return int(rng.integers(self.cfg.min_slices // p, hi // p + 1)) * p
+
+    def _inplane(self, rng, shape_yx) -> tuple[list[int], list[int]]:
+        """Start and size of the in-plane window: a random crop_yx crop (centred padding where the slice is
+        smaller), or the whole slice padded (centred) up to a multiple of the patch."""
+        p = self.cfg.patch_size
+        size = list(self.cfg.crop_yx) if self.cfg.crop_yx else [_round_up(n, p) for n in shape_yx]
+        start = [int(rng.integers(0, n - k + 1)) if n >= k else -((k - n) // 2) for n, k in zip(shape_yx, size)]
+        return start, size
+
+    def _organs(self, v: int, masks: np.ndarray, mapping, start_zyx, size_zyx) -> list[str]:
+        lo = [max(0, s) for s in start_zyx]
+        hi = [min(n, s + k) for n, s, k in zip(masks.shape, start_zyx, size_zyx)]
+        chunk = np.asarray(masks[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]])  # real voxels only
+        cfg = self.cfg
+        return organs_in_chunk(chunk, self._volume_counts(v, masks), mapping, cfg.organ_fraction, cfg.chunk_fraction)
+
+    def _text(self, rng, entry: dict, organs: list[str]) -> tuple[str, list[int], list[str], list[int]]:
+        """(text, its sentence keys, its organs, keys of every shown organ's sentence)."""
+        sentences = entry.get("sentences") or {}
+        if not organs:  # report-level pairing
+            report = _report(entry)
+            return report, [sentence_key(report)], [], [sentence_key(report)]
+        shown = [sentence_key(sentences[o]) for o in organs]
+        kept = organs[: self.cfg.max_sentences]  # the organs filling most of the chunk
+        if self.cfg.text_mode == "one":
+            kept = [kept[int(rng.integers(len(kept)))]]
+        kept = [name for name in sentences if name in kept]  # anatomical (the dataset's) order
+        return " ".join(sentences[o] for o in kept), [sentence_key(sentences[o]) for o in kept], kept, shown
+
+
+def _report(entry: dict) -> str:
+    text = (entry.get("text") or "").strip()
+    return text or " ".join((entry.get("sentences") or {}).values())
+
+
+def _has_text(entry: dict) -> bool:
+    return bool(_report(entry).strip())
+
+
+# ---------------------------------------------------------------------------- packing variable-size chunks
+
+
+def _first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Each item, longest first (ties in index order), into the first row with room; else a new row."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda k: (-lengths[k], k)):
+        n = lengths[i]
+        row = next((r for r, free in enumerate(room) if n <= free), None)
+        if row is None:
+            rows.append([i])
+            room.append(max(0, capacity - n))
+        else:
+            rows[row].append(i)
+            room[row] -= n
+    return rows
+
+
+def pack_lengths(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Item indices grouped into rows of at most ``max_tokens`` tokens, by first-fit decreasing.
+
+    An item longer than ``max_tokens`` gets a row of its own. The batch is as long as its longest row, so
+    once FFD has set the number of rows, the rows are rebalanced: the smallest capacity that still packs
+    into that many rows is found by bisection (a last, half-empty row would otherwise waste up to 1/R of
+    the batch). Deterministic.
+    """
+    if max_tokens < 1:
+        raise VoxseqError(f"max_tokens must be positive, not {max_tokens}")
+    lengths = [int(n) for n in lengths]
+    rows = _first_fit_decreasing(lengths, max_tokens)
+    longest = lambda rs: max(sum(lengths[i] for i in r) for r in rs)  # noqa: E731
+    fitting = [n for n in lengths if n <= max_tokens]
+    if not fitting:
+        return rows
+    lo, hi = max(-(-sum(fitting) // len(rows)), max(fitting)), longest(rows) - 1
+    while lo <= hi:
+        cap = (lo + hi) // 2
+        trial = _first_fit_decreasing(lengths, cap)
+        if len(trial) <= len(rows):
+            rows, hi = (trial if longest(trial) <= longest(rows) else rows), cap - 1
+        else:
+            lo = cap + 1
+    return rows
+
+
+def collate_packed(items: list[dict[str, Any]], max_tokens: int) -> dict[str, Any]:
+    """Pack chunks of different lengths into rows (see :func:`pack_lengths`).
+
+    Returns ``tokens`` (R, Lmax, C*p^3), ``pos`` (R, Lmax, 3), ``segment`` (R, Lmax) long = the item (0..N-1)
+    each token belongs to, -1 for padding; ``lengths`` (N,); ``volume_index``, ``z0``, ``z1`` (N,); and the
+    per-item lists ``text``, ``sentence_keys``, ``shown_keys``, ``organs``. Lmax is the longest row, not
+    ``max_tokens``.
+    """
+    lengths = [int(it["tokens"].shape[0]) for it in items]
+    rows = pack_lengths(lengths, max_tokens)
+    lmax = max(sum(lengths[i] for i in row) for row in rows)
+    dim = items[0]["tokens"].shape[1]
+    tokens = torch.zeros(len(rows), lmax, dim, dtype=items[0]["tokens"].dtype)
+    pos = torch.zeros(len(rows), lmax, 3)
+    segment = torch.full((len(rows), lmax), -1, dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            n = lengths[i]
+            tokens[r, at:at + n] = items[i]["tokens"]
+            pos[r, at:at + n] = items[i]["pos"]
+            segment[r, at:at + n] = i
+            at += n
+    batch: dict[str, Any] = {"tokens": tokens, "pos": pos, "segment": segment, "lengths": torch.tensor(lengths)}
+    for key in ("volume_index", "z0", "z1"):
+        batch[key] = torch.tensor([int(it.get(key, -1)) for it in items])
+    for key in ("text", "sentence_keys", "shown_keys", "organs"):
+        batch[key] = [it.get(key) for it in items]
+    return batch
+
+
+def packed_attention_mask(segment: torch.Tensor) -> torch.Tensor:
+    """(R, L) segment ids -> (R, 1, L, L) bool, True where query and key are tokens of the same chunk.
+
+    A padding query attends to itself only, so no row is all False (SDPA would return NaN for it).
+    """
+    same = (segment[:, :, None] == segment[:, None, :]) & (segment >= 0)[:, :, None]
+    pad_self = torch.eye(segment.shape[1], dtype=torch.bool, device=segment.device) & (segment < 0)[:, :, None]
+    return (same | pad_self)[:, None]
+
+
+def padding_waste(segment: torch.Tensor) -> float:
+    """Fraction of the packed tokens that are padding."""
+    return float((segment < 0).sum()) / max(1, segment.numel())
+
+
+def segment_mean(features: torch.Tensor, segment: torch.Tensor, n: int) -> torch.Tensor:
+    """(R, L, E) token features -> (n, E) mean over each chunk's tokens (padding left out), in float32 sums."""
+    e = features.shape[-1]
+    flat, seg = features.reshape(-1, e), segment.reshape(-1)
+    keep = seg >= 0
+    seg, flat = seg[keep], flat[keep].float()
+    sums = torch.zeros(n, e, device=features.device).index_add_(0, seg, flat)
+    counts = torch.bincount(seg, minlength=n).clamp_min(1).to(sums.dtype)
+    return (sums / counts[:, None]).to(features.dtype)
+
+
+class ChunkBatchSampler(torch.utils.data.Sampler):
+    """Index lists for training steps: step ``s`` on rank ``r`` of ``world_size`` gets the
+    ``chunks_per_batch`` indices starting at ``(s * world_size + r) * chunks_per_batch``.
+
+    Use it as a DataLoader ``batch_sampler`` with ``collate_fn=functools.partial(collate_packed, max_tokens=...)``;
+    resuming at step ``s`` is ``start_step=s``, and the batches are those of an uninterrupted run.
+    """
+
+    def __init__(self, chunks_per_batch: int, start_step: int = 0, num_steps: int = 10**12,
+                 world_size: int = 1, rank: int = 0):
+        self.chunks_per_batch, self.start_step, self.num_steps = chunks_per_batch, start_step, num_steps
+        self.world_size, self.rank = world_size, rank
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.start_step, self.start_step + self.num_steps):
+            first = (step * self.world_size + self.rank) * self.chunks_per_batch
+            yield list(range(first, first + self.chunks_per_batch))
+
+    def __len__(self) -> int:
+        return self.num_steps
+
+
+def chunk_batches(dataset: ChunkTextDataset, step: int, chunks_per_batch: int, max_tokens: int) -> dict[str, Any]:
+    """The packed batch of training step ``step`` (single process): items ``step * chunks_per_batch`` onwards."""
+    indices = next(iter(ChunkBatchSampler(chunks_per_batch, start_step=step, num_steps=1)))
+    return collate_packed([dataset[i] for i in indices], max_tokens)
