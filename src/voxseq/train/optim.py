@@ -1,5 +1,5 @@
 """Optimisers and schedules: AdamW groups without decay on norms/biases/positions/special tokens,
-MAE-style layer-wise lr decay, linear warmup + cosine."""
+MAE-style layer-wise lr decay, Muon for hidden weight matrices (SigVLP), linear warmup + cosine."""
 
 from __future__ import annotations
 
@@ -18,11 +18,15 @@ def _skip_decay(name: str, param: torch.Tensor, no_decay: set[str]) -> bool:
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Two AdamW groups: weights with decay; norms, biases and ``model.no_weight_decay()`` without."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return _decay_groups(model, named, weight_decay)
+
+
+def _decay_groups(model: nn.Module, named: list[tuple[str, torch.Tensor]], weight_decay: float) -> list[dict]:
     no_decay = set(getattr(model, "no_weight_decay", lambda: set())())
     decay, rest = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (rest if _skip_decay(name, p, no_decay) else decay).append(p)
+    for name, p in named:
+        (rest if _skip_decay(name, p, no_decay) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
             {"params": rest, "weight_decay": 0.0, "lr_scale": 1.0}]
 
@@ -72,3 +76,68 @@ def set_lr(optimizer: torch.optim.Optimizer, base_lr: float, multiplier: float) 
     for g in optimizer.param_groups:
         g["lr"] = base_lr * multiplier * g.get("lr_scale", 1.0)
     return base_lr * multiplier
+
+
+def set_lr_all(optimizers: list[torch.optim.Optimizer], base_lr: float, multiplier: float) -> float:
+    """:func:`set_lr` on each optimiser (Muon and AdamW follow one schedule); returns the base lr now."""
+    for opt in optimizers:
+        set_lr(opt, base_lr, multiplier)
+    return base_lr * multiplier
+
+
+# --- Muon for hidden weight matrices, AdamW for the rest (SigVLP) ---------------------------------
+
+# a transformer hidden layer: our ViT's ``blocks.<i>.``, Hugging Face's ``layer.<i>.`` / ``layers.<i>.`` (BERT,
+# SigLIP, LLaMA-style) and T5's ``block.<i>.``
+_HIDDEN_LAYER = re.compile(r"(?:^|\.)(?:blocks?|layers?)\.\d+\.")
+
+
+def _outside_hidden_layers(prefix: str) -> bool:
+    """True when the module path holding a layer stack is itself a head, pooler, projection or embedding
+    (e.g. an attention-pool head built from blocks): those stay on AdamW like the rest of the heads."""
+    return any(part in ("head", "heads", "pool", "pooler") or part.startswith("proj_") or part.endswith("_proj")
+               or "embed" in part for part in prefix.split("."))
+
+
+def is_muon_param(name: str, param: torch.Tensor, embedding_ids: set[int]) -> bool:
+    """Muon orthogonalises updates of matrices that map one hidden activation to another; embeddings
+    (lookup tables, patch convolutions), heads, norms, biases and scalars are not such maps (Muon's
+    authors keep them on AdamW), even when they happen to be 2-D."""
+    if param.ndim != 2 or not name.endswith("weight") or id(param) in embedding_ids:
+        return False
+    m = _HIDDEN_LAYER.search(name)
+    return m is not None and not _outside_hidden_layers(name[: m.start()])
+
+
+def muon_param_split(model: nn.Module) -> tuple[list[tuple[str, torch.Tensor]], list[tuple[str, torch.Tensor]]]:
+    """(muon_named, adamw_named) trainable parameters: hidden-layer weight matrices for Muon, the rest for AdamW."""
+    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    muon, adamw = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (muon if is_muon_param(name, p, embedding_ids) else adamw).append((name, p))
+    return muon, adamw
+
+
+def build_optimizers(model: nn.Module, name: str, lr: float, weight_decay: float, betas=(0.9, 0.95),
+                     muon_lr: float | None = None, momentum: float = 0.95) -> list[torch.optim.Optimizer]:
+    """``"adamw"``: [AdamW]; ``"muon"``: [Muon(hidden matrices), AdamW(the rest)], the no-decay rules of
+    :func:`param_groups` applied to the AdamW part.
+
+    Muon adjusts its lr to match AdamW's update RMS (``match_rms_adamw``), so one ``lr`` serves both;
+    ``muon_lr`` overrides it through the group's ``lr_scale``, which :func:`set_lr_all` respects. A model
+    without any hidden weight matrix gets the AdamW optimiser alone.
+    """
+    if name == "adamw":
+        return [build_optimizer(param_groups(model, weight_decay), lr, betas)]
+    if name != "muon":
+        raise ValueError(f"unknown optimizer {name!r} (adamw, muon)")
+    muon_named, adamw_named = muon_param_split(model)
+    scale = (lr if muon_lr is None else muon_lr) / lr if lr else 1.0
+    optimizers = []
+    if muon_named:
+        group = {"params": [p for _, p in muon_named], "lr": lr * scale, "weight_decay": weight_decay, "lr_scale": scale}
+        optimizers.append(torch.optim.Muon([group], lr=lr * scale, weight_decay=weight_decay, momentum=momentum,
+                                           adjust_lr_fn="match_rms_adamw"))
+    optimizers.append(build_optimizer(_decay_groups(model, adamw_named, weight_decay), lr, betas))
+    return optimizers
