@@ -126,3 +126,86 @@ def test_box_to_grid_identity():
 def test_not_a_cache(tmp_path):
     with pytest.raises(VoxseqError, match="not a voxseq cache"):
         Cache(tmp_path)
+
+
+# ---------------------------------------------------------------------------- RadGenome region masks
+
+
+def _write_ras(array: np.ndarray, path) -> str:
+    """Write (Z, Y, X) as NIfTI stored RAS (x and y flipped against the cache's LPS), 1 mm voxels."""
+    img = sitk.GetImageFromArray(array)
+    img.SetDirection((-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0))
+    img.SetOrigin((10.0, 20.0, -5.0))
+    sitk.WriteImage(img, str(path))
+    return str(path)
+
+
+def _radgenome_like(tmp_path) -> Record:
+    """A CT with two overlapping region masks (lung, heart), asymmetric so that a flip would show."""
+    rng = np.random.default_rng(0)
+    ct = rng.integers(-1000, 1000, size=(16, 8, 6)).astype(np.int16)
+    lung, heart = np.zeros(ct.shape, np.uint8), np.zeros(ct.shape, np.uint8)
+    lung[0:10, 0:5, 0:3] = 1
+    heart[6:16, 3:8, 1:6] = 1  # overlaps the lung in z 6..10, y 3..5, x 1..3
+    return Record(id="train_1_a_1", images={"image": _write_ras(ct, tmp_path / "ct.nii.gz")},
+                  masks={"lung": _write_ras(lung, tmp_path / "lung.nii.gz"), "heart": _write_ras(heart, tmp_path / "heart.nii.gz")},
+                  sentences={"lung": "The lungs are clear.", "heart": "Normal heart size."}, text="Whole report.")
+
+
+RADGENOME_PREPROCESS = Preprocess(spacing_xyz=[1.0, 1.0, 2.0], intensity="window", window="ct", out_range=[-1.0, 1.0])
+
+
+def test_region_masks_are_cached_as_bits_on_the_image_grid(tmp_path):
+    from voxseq.data.preprocess import preprocess
+
+    rec = _radgenome_like(tmp_path)
+    plain = Record(id="no_masks", images=dict(rec.images), text="A report.")
+    s = prepare_cache([rec, plain], tmp_path / "c", RADGENOME_PREPROCESS, progress=False)
+    assert s.done == 2
+    c = Cache(tmp_path / "c")
+    e = c.entry(0)
+    assert e["regions"] == ["lung", "heart"] and "regions.npy" in e["sha256"] and c.verify(0) == []
+    bits = c.regions(0)
+    assert isinstance(bits, np.memmap) and bits.dtype == np.uint32 and bits.shape == c.image(0).shape[1:] == (8, 8, 6)
+    assert c.regions(1) is None and "regions" not in c.entry(1)
+    # each bit equals its mask sent through the label path of `preprocess` (reorient, resample nearest)
+    for r, name in enumerate(e["regions"]):
+        _, ref = preprocess(read_volume(rec.images["image"]), read_volume(rec.masks[name]), RADGENOME_PREPROCESS)
+        assert np.array_equal((bits & np.uint32(1 << r)) > 0, ref.array > 0)
+    assert ((bits & 1) > 0).sum() == 5 * 5 * 3 and ((bits & 2) > 0).sum() == 5 * 5 * 5  # z halved by 2 mm slices
+    assert ((bits & 3) == 3).sum() == 2 * 2 * 2 and bits.max() == 3
+    # a finished volume with regions is reused; one whose regions.npy is gone is redone
+    assert prepare_cache([rec, plain], tmp_path / "c", RADGENOME_PREPROCESS, progress=False).reused == 2
+    (tmp_path / "c" / e["folder"] / "regions.npy").unlink()
+    assert prepare_cache([rec, plain], tmp_path / "c", RADGENOME_PREPROCESS, progress=False).done == 1
+
+
+def test_more_than_32_regions_is_refused(tmp_path):
+    rec = _radgenome_like(tmp_path)
+    rec.masks = {f"region{r}": rec.masks["lung"] for r in range(33)}
+    with pytest.raises(VoxseqError, match="train_1_a_1: 33 region masks, but at most 32"):
+        prepare_cache([rec], tmp_path / "c", RADGENOME_PREPROCESS, progress=False)
+
+
+def test_chunks_pair_with_the_regions_they_show(tmp_path):
+    from voxseq.sequence import ChunkConfig, ChunkTextDataset, sentence_key
+
+    rec = _radgenome_like(tmp_path)
+    prepare_cache([rec], tmp_path / "c", RADGENOME_PREPROCESS, progress=False)
+    c = Cache(tmp_path / "c")
+    bits = np.asarray(c.regions(0))
+    ds = ChunkTextDataset(c, ChunkConfig(patch_size=2, min_slices=2, max_slices=2, pad_value=-1.0))
+    seen = set()
+    for i in range(30):
+        it = ds[i]
+        slab = bits[it["z0"]:it["z1"]]
+        expected = []
+        for r, name in enumerate(["lung", "heart"]):
+            inside, total = ((slab >> r) & 1).sum(), ((bits >> r) & 1).sum()
+            if inside and (inside >= 0.3 * total or inside >= 0.05 * slab.size):
+                expected.append(name)
+        assert it["organs"] == expected and expected  # z 3..5 shows both: lung first, as in the sentences
+        assert it["text"] == " ".join(rec.sentences[o] for o in expected)
+        assert it["sentence_keys"] == [sentence_key(rec.sentences[o]) for o in expected]
+        seen.add(tuple(expected))
+    assert seen == {("lung",), ("heart",), ("lung", "heart")}

@@ -6,6 +6,8 @@ Layout of a cache folder::
       preprocess.yaml             the Preprocess config every volume went through
       volumes/<id>/image.npy      float16 (C, Z, Y, X), C-contiguous
       volumes/<id>/label.npy      uint8 (Z, Y, X), when the record has a label
+      volumes/<id>/regions.npy    uint32 (Z, Y, X), when the record has region masks (RadGenome): bit r is
+                                  set where region entry["regions"][r] is; regions may overlap
       volumes/<id>/entry.json     shape, spacing, geometry, intensity statistics, boxes in this grid,
                                   checksums; written last: its presence marks a finished volume
       index.jsonl                 all finished entries, rebuilt at the end of every `prepare`
@@ -47,6 +49,7 @@ from voxseq.io.volume import Volume, VolumeReadError, read_volume
 
 CACHE_VERSION = 1
 ON_ERROR = ("stop", "skip")
+MAX_REGIONS = 32  # bits of a uint32 regions.npy voxel
 
 
 # ---------------------------------------------------------------------------- small file helpers
@@ -156,6 +159,36 @@ def intensity_stats(array: np.ndarray) -> list[dict[str, float]]:
     return stats
 
 
+def mask_on_grid(mask: Volume, grid: Volume) -> np.ndarray:
+    """A mask resampled (nearest neighbour) onto a preprocessed volume's grid: (Z, Y, X) bool.
+
+    Through physical space, so whatever ``preprocess`` did to the image (reorientation, resampling,
+    foreground crop, padding) the mask follows; outside the mask's own extent it is empty.
+    """
+    import SimpleITK as sitk
+
+    src = mask.to_sitk((mask.array > 0).astype(np.uint8))  # (first channel of a 4-D mask)
+    ref = grid.to_sitk(np.zeros(grid.shape_zyx, np.uint8))
+    out = sitk.Resample(src, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    return sitk.GetArrayFromImage(out) > 0
+
+
+def region_bits(record: Record, grid: Volume, nonfinite: str = "error") -> tuple[np.ndarray, list[str]]:
+    """A record's region masks packed as bits on ``grid``: uint32 (Z, Y, X), bit r = region ``names[r]``.
+
+    One bit-packed array instead of a file per region: RadGenome regions overlap (a lobe inside a lung),
+    and a chunk's regions are then one read of the chunk.
+    """
+    names = list(record.masks)
+    if len(names) > MAX_REGIONS:
+        raise VoxseqError(f"{record.id}: {len(names)} region masks, but at most {MAX_REGIONS} fit in regions.npy")
+    bits = np.zeros(grid.shape_zyx, np.uint32)
+    for r, name in enumerate(names):
+        mask = read_volume(record.masks[name], spacing=record.spacing, nonfinite=nonfinite)
+        bits |= mask_on_grid(mask, grid).astype(np.uint32) << np.uint32(r)
+    return bits, names
+
+
 def prepare_one(record: Record, cfg: Preprocess, out_dir: Path, nonfinite: str = "error") -> dict[str, Any]:
     """Preprocess one record into ``out_dir/volumes/<id>/``; returns its entry (also written as entry.json)."""
     t0 = time.perf_counter()
@@ -191,6 +224,9 @@ def prepare_one(record: Record, cfg: Preprocess, out_dir: Path, nonfinite: str =
     if label is not None:
         entry["label_values"] = [int(v) for v in np.unique(label.array)]
         entry["sha256"]["label.npy"] = atomic_save_npy(folder / "label.npy", label.array)
+    if record.masks:
+        bits, entry["regions"] = region_bits(record, image, nonfinite)
+        entry["sha256"]["regions.npy"] = atomic_save_npy(folder / "regions.npy", bits)
     entry["seconds"] = round(time.perf_counter() - t0, 3)
     atomic_write_bytes(folder / "entry.json", json.dumps(entry).encode())
     return entry
@@ -246,6 +282,7 @@ def _finished_entry(out_dir: Path, record: Record) -> dict | None:
     except (json.JSONDecodeError, OSError):
         return None
     files = ["image.npy"] + (["label.npy"] if entry.get("has_label") else [])
+    files += ["regions.npy"] if entry.get("regions") else []
     if entry.get("id") != record.id or not all((path.parent / f).is_file() for f in files):
         return None
     return entry
@@ -403,6 +440,10 @@ class Cache:
 
     def label(self, i: int) -> np.ndarray | None:
         return self._map(i, "label.npy") if self.entries[i].get("has_label") else None
+
+    def regions(self, i: int) -> np.ndarray | None:
+        """uint32 (Z, Y, X) memmap of region bits (bit r = region ``entry(i)["regions"][r]``), or None."""
+        return self._map(i, "regions.npy") if self.entries[i].get("regions") else None
 
     def entry(self, i: int) -> dict:
         return self.entries[i]
