@@ -97,6 +97,33 @@ def test_region_bits_count_overlapping_regions():
     assert organs_in_chunk(bits[:1], label_counts(bits, 2), {"a": [0], "b": [1]}, 0.2, 0.9) == ["a", "b"]
 
 
+class RegionSource(ArraySource):
+    """An in-memory source with RadGenome-style region bits, like ``Cache.regions``."""
+
+    def __init__(self, *args, regions=None, **kw):
+        super().__init__(*args, **kw)
+        self._regions = regions
+
+    def regions(self, i: int):
+        return self._regions[i]
+
+
+def test_region_bits_win_over_labels():
+    bits = np.zeros((32, 16, 16), np.uint32)
+    bits[:16, :2, :2] |= 1  # "heart" region in z 0..16 (the label map has the heart in z 4..8 only)
+    bits[8:, :2, :2] |= 2  # "spleen" region, overlapping in z 8..16 (absent from the label map); both small
+    # in-plane, so only organ_fraction decides: shown when the 8-slice chunk holds >= 30% of the region
+    src = organ_source(1)
+    src.entries[0]["regions"] = ["heart", "spleen", "no_sentence"]
+    ds = ChunkTextDataset(RegionSource(src.images, src.entries, src.labels, regions=[bits]),
+                          cfg(min_slices=8, max_slices=8))
+    for i in range(20):
+        it = ds[i]
+        expected = [o for o, (lo, hi) in (("heart", (0, 16)), ("spleen", (8, 32)))
+                    if it["z0"] < hi and it["z1"] > lo and (min(hi, it["z1"]) - max(lo, it["z0"])) >= 0.3 * (hi - lo)]
+        assert it["organs"] == expected and it["text"] == " ".join(SENTENCES[o] for o in expected)
+
+
 def test_sentence_labels_sources():
     assert sentence_labels({"extra": {"sentence_labels": {"lung": [1]}}}) == {"lung": [1]}
     ct = sentence_labels({"extra": {"kind": "ct"}})
@@ -109,6 +136,12 @@ def test_sentence_key_is_stable_and_normalised():
     assert k == sentence_key("  the LUNGS  are\nclear. ") and 0 <= k < 2**63
     assert k != sentence_key("The lungs are clear")
     assert k == int.from_bytes(__import__("hashlib").blake2b(b"the lungs are clear.", digest_size=8).digest(), "big") >> 1
+
+
+def test_sentence_key_agrees_with_the_loss():
+    siglip = pytest.importorskip("voxseq.objectives.siglip")
+    for text in ("The lungs are clear.", "  Normal HEART size. ", "Whole report."):
+        assert siglip.sentence_key(text) == sentence_key(text)
 
 
 def test_text_mode_all_pairs_each_chunk_with_its_organs_in_order():
