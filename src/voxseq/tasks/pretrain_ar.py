@@ -27,14 +27,7 @@ from voxseq.objectives.ar import norm_pixel_loss, prefix_loss_mask
 from voxseq.sequence import ResumableSampler, SequenceConfig, SequenceDataset, collate_sequences
 from voxseq.tasks.data import DataConfig, ensure_cache, open_cache
 from voxseq.train import distributed as dist_utils
-from voxseq.train.checkpoint import (
-    get_rng_state,
-    latest_checkpoint,
-    load_checkpoint,
-    load_state_dict_checked,
-    save_checkpoint,
-    set_rng_state,
-)
+from voxseq.train.checkpoint import checkpoint_to_resume, load_checkpoint, load_state_dict_checked
 from voxseq.train.metrics import MetricsLogger, Progress, read_metrics
 from voxseq.train.optim import build_optimizer, param_groups, set_lr, warmup_cosine
 
@@ -108,19 +101,12 @@ def run_pretrain_ar(cfg: ARPretrainConfig, out: str | Path, *, resume: bool = Fa
     seq_len = cfg.sequence.seq_len(dataset.kinds[0])
 
     model = ARViT3D(cfg.model).to(device)
-    ck = _latest_for_resume(run_dir) if resume else None
+    ck = checkpoint_to_resume(run_dir, resume)
     if ck is not None:  # full weights into the plain module, before DDP/FSDP2 wrap (and shard) it
         load_state_dict_checked(model, ck.state_dict, strict=True)
-    elif not resume and (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").glob("model_*.json")):
-        raise VoxseqError(f"{run_dir} already holds checkpoints: pass --resume to continue, or choose another --out")
     net = dist_utils.wrap_model(model, cfg.distributed, device)
     optimizer = build_optimizer(param_groups(model, cfg.weight_decay), cfg.lr, cfg.betas)  # after FSDP2's sharding
-    start = 0
-    if ck is not None:
-        state = ck.training_state()
-        dist_utils.load_full_optimizer_state(model, optimizer, state["optimizer"])
-        set_rng_state(state["rng"])
-        start = ck.step
+    start = dist_utils.restore_training_state(model, optimizer, ck) if ck is not None else 0
     if main:
         save_yaml({**to_dict(cfg), "preprocess": to_dict(source.preprocess)}, run_dir / "config.yaml")
     if start >= cfg.max_steps:
@@ -177,12 +163,9 @@ def run_pretrain_ar(cfg: ARPretrainConfig, out: str | Path, *, resume: bool = Fa
             bar.update(step + 1, loss=loss_val, lr=lr, tok_s=tok_s)
             done = step + 1
             if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
-                weights, optim_state = dist_utils.full_state_dicts(model, optimizer)  # collective: all ranks
-                if main:
-                    save_checkpoint(run_dir, done, weights, keep_last=cfg.keep_checkpoints, meta=meta,
-                                    training_state={"optimizer": optim_state, "rng": get_rng_state(), "step": done,
-                                                    "sampler": sampler.state_dict()})
-                dist_utils.barrier()
+                dist_utils.save_training_checkpoint(run_dir, done, model, optimizer, main=main, meta=meta,
+                                                    keep_last=cfg.keep_checkpoints,
+                                                    extra_state={"sampler": sampler.state_dict()})
     finally:
         bar.close()
         logger.close()
@@ -193,13 +176,6 @@ def run_pretrain_ar(cfg: ARPretrainConfig, out: str | Path, *, resume: bool = Fa
         make_ar_plots(run_dir, plain, dataset, torch.device("cpu"))
     return {"run_dir": str(run_dir), "steps": cfg.max_steps, "first_loss": first_loss, "last_loss": last_loss,
             "seconds": seconds, "rank": rank}
-
-
-def _latest_for_resume(run_dir: Path):
-    """The run's latest complete checkpoint, or None when the run has none yet (a fresh start)."""
-    if not (run_dir / "checkpoints").is_dir() or latest_checkpoint(run_dir) is None:
-        return None
-    return load_checkpoint(run_dir)
 
 
 # ---------------------------------------------------------------------------- figures

@@ -265,3 +265,17 @@ def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], *,
         raise VoxseqError("checkpoint does not fit the model:\n" + report.summary())
     model.load_state_dict(usable, strict=False)
     return report
+
+
+def checkpoint_to_resume(run_dir: str | os.PathLike, resume: bool) -> Checkpoint | None:
+    """The run's latest complete checkpoint when resuming (None: a fresh start, also when nothing was
+    saved yet); refuses to start afresh over a run folder that already holds checkpoints."""
+    folder = Path(run_dir) / "checkpoints"
+    has_any = folder.is_dir() and any(folder.glob("model_*.json"))
+    if not resume:
+        if has_any:
+            raise VoxseqError(f"{run_dir} already holds checkpoints: pass --resume to continue, or choose another --out")
+        return None
+    if not has_any or latest_checkpoint(run_dir) is None:
+        return None
+    return load_checkpoint(run_dir)

@@ -102,3 +102,27 @@ def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def save_training_checkpoint(run_dir, step: int, model: nn.Module, optimizer, *, main: bool, meta: dict,
+                             keep_last: int, extra_state: dict | None = None) -> None:
+    """Gather full weights and optimiser state (a collective: every rank calls it), write them on rank 0
+    with the RNG state and ``extra_state`` (sampler...), then wait for rank 0."""
+    from voxseq.train.checkpoint import get_rng_state, save_checkpoint
+
+    weights, optim_state = full_state_dicts(model, optimizer)
+    if main:
+        save_checkpoint(run_dir, step, weights, keep_last=keep_last, meta=meta,
+                        training_state={"optimizer": optim_state, "rng": get_rng_state(), "step": step,
+                                        **(extra_state or {})})
+    barrier()
+
+
+def restore_training_state(model: nn.Module, optimizer, checkpoint) -> int:
+    """Optimiser and RNG state of a checkpoint into this process; returns the step to continue from."""
+    from voxseq.train.checkpoint import set_rng_state
+
+    state = checkpoint.training_state()
+    load_full_optimizer_state(model, optimizer, state["optimizer"])
+    set_rng_state(state["rng"])
+    return checkpoint.step
