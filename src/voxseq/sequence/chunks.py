@@ -99,10 +99,17 @@ def sentence_labels(entry: dict) -> dict[str, list[int]]:
 
 
 def label_counts(labels: np.ndarray, n_bits: int = 0) -> np.ndarray:
-    """Voxels per label id: (256,) for a uint8 label map, or (n_bits,) per bit for packed region masks (uint32)."""
-    if labels.dtype == np.uint32:
-        return np.array([np.count_nonzero(labels & np.uint32(1 << r)) for r in range(n_bits)], np.int64)
-    return np.bincount(np.asarray(labels, np.uint8).ravel(), minlength=256).astype(np.int64)
+    """Voxels per label id: (256,) for a uint8 label map, or (n_bits,) per bit for packed region masks (uint32).
+
+    Bits are counted a slab of slices at a time, so a whole-volume count never holds more than a slab in memory.
+    """
+    if labels.dtype != np.uint32:
+        return np.bincount(np.asarray(labels, np.uint8).ravel(), minlength=256).astype(np.int64)
+    counts = np.zeros(n_bits, np.int64)
+    for z in range(0, labels.shape[0], 32):
+        slab = np.asarray(labels[z:z + 32])
+        counts += [np.count_nonzero(slab & np.uint32(1 << r)) for r in range(n_bits)]
+    return counts
 
 
 def organs_in_chunk(label_chunk: np.ndarray, label_counts_volume: np.ndarray, mapping: dict[str, list[int]],
@@ -151,7 +158,7 @@ def volume_chunks(image: np.ndarray, patch_size: int = 16, chunk_slices: int | N
     p = patch_size
     if image.ndim == 3:
         image = image[None]
-    c, nz, ny, nx = image.shape
+    _, nz, ny, nx = image.shape
     if chunk_slices is not None and (chunk_slices <= 0 or chunk_slices % p):
         raise VoxseqError(f"chunk_slices {chunk_slices} must be a positive multiple of the patch size {p}")
     size_yx = [_round_up(ny, p), _round_up(nx, p)]
