@@ -9,7 +9,6 @@ patients): treating those as negatives would push apart pairs that truly match.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Sequence
 
@@ -18,21 +17,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+# the sampler keys sentences when it pairs chunks with text; one definition, re-exported for loss users
+from voxseq.sequence.chunks import sentence_key
+
 SIGLIP_INIT_LOGIT_SCALE = math.log(10.0)  # the paper's init: temperature t' = log 10
 SIGLIP_INIT_LOGIT_BIAS = -10.0  # starts every pair near "negative", as most pairs are
-PAD_KEY = -1
-
-
-def sentence_key(text: str) -> int:
-    """A 63-bit key of the sentence after folding case and whitespace.
-
-    blake2b rather than ``hash()``: Python salts string hashes per process, and keys must agree between
-    ranks (and data-loader workers) for the labels of exchanged texts to be right. 63 bits keep keys
-    non-negative in an int64 tensor, leaving -1 free as padding.
-    """
-    normalised = " ".join(text.lower().split())
-    digest = hashlib.blake2b(normalised.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") >> 1
+PAD_KEY = -1  # sentence keys are 63-bit, hence >= 0: -1 is free for padding
 
 
 def key_tensor(keys: Sequence[Sequence[int]], width: int | None = None) -> torch.Tensor:
