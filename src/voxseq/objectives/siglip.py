@@ -56,8 +56,11 @@ def identity_labels(n: int, m: int, device: torch.device | None = None) -> torch
 
 def siglip_pair_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor,
                      logit_bias: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """-sum(log sigmoid(z * logits)) over all (image, text) pairs, z = +1 for matches and -1 otherwise."""
-    logits = logit_scale.exp() * image_emb @ text_emb.T + logit_bias  # (N, M)
+    """-sum(log sigmoid(z * logits)) over all (image, text) pairs, z = +1 for matches and -1 otherwise.
+
+    Summed in float32 even under bf16 autocast: a sum over N x M pairs in bf16 loses the small terms.
+    """
+    logits = logit_scale.exp() * (image_emb @ text_emb.T).float() + logit_bias  # (N, M)
     z = 2 * labels.to(logits.dtype) - 1
     return -F.logsigmoid(z * logits).sum()
 

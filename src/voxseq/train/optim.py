@@ -133,7 +133,8 @@ def build_optimizers(model: nn.Module, name: str, lr: float, weight_decay: float
     if name != "muon":
         raise ValueError(f"unknown optimizer {name!r} (adamw, muon)")
     muon_named, adamw_named = muon_param_split(model)
-    scale = (lr if muon_lr is None else muon_lr) / lr if lr else 1.0
+    muon_base_lr = lr if muon_lr is None else muon_lr
+    scale = muon_base_lr / lr if lr else 1.0  # lr = 0 (a frozen run) keeps Muon at 0 too
     optimizers = []
     if muon_named:
         group = {"params": [p for _, p in muon_named], "lr": lr * scale, "weight_decay": weight_decay, "lr_scale": scale}
