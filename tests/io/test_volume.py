@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gzip
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ import SimpleITK as sitk
 
 from tests.conftest import write_dicom_series
 from voxseq.io import Volume, VolumeReadError, read_volume, write_volume
+from voxseq.io.volume import member_path, parse_volume_path
 
 
 def _sitk_volume(shape_zyx=(6, 7, 8), spacing=(0.8, 0.9, 2.5), origin=(-10.0, 20.0, 5.0), direction=None, dtype=np.int16):
@@ -209,3 +212,81 @@ def test_unreadable_file_even_as_root(tmp_path, samples, monkeypatch):
     monkeypatch.setattr(vv.os, "access", lambda path, mode: False)
     with pytest.raises(VolumeReadError, match=r"locked\.nrrd: permission denied"):
         read_volume(p)
+
+
+# ---------------------------------------------------------------------------- arrays inside HDF5 / npz files
+
+
+def test_parse_volume_path_round_trip():
+    assert parse_volume_path("a/case.h5::image") == (Path("a/case.h5"), "image", None)
+    assert parse_volume_path("d.npz::train_images[12]") == (Path("d.npz"), "train_images", 12)
+    assert parse_volume_path("x.H5::scans/ct") == (Path("x.H5"), "scans/ct", None)
+    assert parse_volume_path(member_path("d.npz", "val_images", 3)) == (Path("d.npz"), "val_images", 3)
+    assert parse_volume_path("odd::name.nii.gz") == (Path("odd::name.nii.gz"), None, None)  # only after a container
+    with pytest.raises(VolumeReadError, match=r"d\.npz::a\[x\]: expected"):
+        parse_volume_path("d.npz::a[x]")
+
+
+def _la_like_h5(path, xyz):
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        f["image"] = xyz
+        f["label"] = (xyz > xyz.mean()).astype(np.uint8)
+    return path
+
+
+def test_hdf5_dataset_xyz_order(tmp_path):
+    xyz = np.random.default_rng(0).random((7, 6, 5)).astype(np.float32)  # stored (X, Y, Z), as the LA files
+    p = _la_like_h5(tmp_path / "mri_norm2.h5", xyz)
+    v = read_volume(f"{p}::image", spacing=(0.625, 0.625, 0.625))
+    assert v.array.shape == (5, 6, 7) and v.size_xyz == (7, 6, 5) and v.spacing == (0.625, 0.625, 0.625)
+    assert v.array[4, 2, 1] == xyz[1, 2, 4] and v.meta["format"] == "HDF5" and v.orientation == "LPS"
+    lab = read_volume(f"{p}::label", spacing=(0.625, 0.625, 0.625))
+    assert lab.array.dtype == np.uint8 and int(lab.array.sum()) == int((xyz > xyz.mean()).sum())
+    assert np.array_equal(read_volume(p, spacing=(1, 1, 1)).array, v.array)  # no member: the `image` dataset
+    with pytest.raises(VolumeReadError, match=r"mri_norm2\.h5::image: HDF5 volumes need an explicit spacing"):
+        read_volume(p)
+
+
+def test_hdf5_attributes_and_errors(tmp_path):
+    import h5py
+
+    zyx = np.arange(60, dtype=np.int16).reshape(3, 4, 5)
+    p = tmp_path / "vol.hdf5"
+    with h5py.File(p, "w") as f:
+        f.create_group("scans")["ct"] = zyx
+        f["scans/ct"].attrs["axes"] = "zyx"
+        f.attrs["spacing"] = [0.5, 0.5, 2.0]
+        f["other"] = np.zeros(3)
+    v = read_volume(f"{p}::scans/ct")
+    assert np.array_equal(v.array, zyx) and v.spacing == (0.5, 0.5, 2.0)
+    with pytest.raises(VolumeReadError, match=r"vol\.hdf5::label: no dataset 'label' in the HDF5 file \(has \['other', 'scans/ct'\]\)"):
+        read_volume(f"{p}::label")
+    with pytest.raises(VolumeReadError, match=r"vol\.hdf5: HDF5 file has datasets .*expected one named 'image'"):
+        read_volume(p)
+    bad = tmp_path / "notes.h5"
+    bad.write_text("not hdf5")
+    with pytest.raises(VolumeReadError, match=r"notes\.h5: not a readable HDF5 file"):
+        read_volume(bad)
+
+
+def test_npz_member_index(tmp_path):
+    images = np.random.default_rng(1).integers(0, 255, (4, 6, 7, 8), dtype=np.uint8)
+    p = tmp_path / "stack.npz"
+    np.savez_compressed(p, train_images=images, train_labels=np.array([[0], [1], [1], [0]]))
+    v = read_volume(f"{p}::train_images[2]", spacing=(1.0, 1.0, 1.0))
+    assert v.array.shape == (6, 7, 8) and np.array_equal(v.array, images[2]) and v.spacing == (1.0, 1.0, 1.0)
+    v.array[0, 0, 0] = 7  # the returned array is the caller's: the next read is unaffected
+    assert read_volume(f"{p}::train_images[2]", spacing=(1, 1, 1)).array[0, 0, 0] == images[2, 0, 0, 0]
+    assert np.array_equal(read_volume(f"{p}::train_images[-1]", spacing=(1, 1, 1)).array, images[3])
+    with pytest.raises(VolumeReadError, match=r"stack\.npz::train_images\[4\]: index 4 is out of range \(the array holds 4"):
+        read_volume(f"{p}::train_images[4]", spacing=(1, 1, 1))
+    with pytest.raises(VolumeReadError, match=r"stack\.npz::test_images\[0\]: no array 'test_images'"):
+        read_volume(f"{p}::test_images[0]", spacing=(1, 1, 1))
+    with pytest.raises(VolumeReadError, match=r"stack\.npz::train_labels\[1\]: has 1 dimensions"):
+        read_volume(f"{p}::train_labels[1]", spacing=(1, 1, 1))
+    mtime = p.stat().st_mtime_ns
+    np.savez_compressed(p, train_images=images[::-1])  # rewritten: no stale array from the reader's cache
+    os.utime(p, ns=(mtime + 10**9, mtime + 10**9))  # a rewrite within the file system's clock tick
+    assert np.array_equal(read_volume(f"{p}::train_images[0]", spacing=(1, 1, 1)).array, images[3])

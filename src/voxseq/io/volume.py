@@ -14,12 +14,23 @@ Canonical form (what every voxseq function downstream of IO assumes):
 4-D files (for example the Decathlon's multi-contrast brain NIfTI, x*y*z*4) are read as channels:
 ``array`` becomes ``(C, Z, Y, X)``. Files with more than ``MAX_CHANNELS`` volumes along the fourth
 axis (time series) are refused, since voxseq models treat channels as co-registered contrasts.
+
+Arrays inside container files are addressed as ``<file>::<member>[<index>]`` (see
+:func:`parse_volume_path`): ``case.h5::image``, ``case.h5::label`` (the LA challenge's HDF5 files
+hold both), ``nodulemnist3d.npz::train_images[12]`` (one sample of a stacked array, so that a
+dataset shipped as one file is never split into thousands). Such arrays carry no geometry: the
+spacing comes from the caller (a manifest record's ``spacing``) or a ``spacing`` entry in the file,
+and the grid is taken as already LPS. Axis order: numpy arrays are ``(Z, Y, X)``; HDF5 datasets are
+``(X, Y, Z)``, the order in which the LA files (and MATLAB, nibabel, pynrrd) store volumes, unless the
+dataset or file has an ``axes`` attribute ``"zyx"``.
 """
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
+import re
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +44,10 @@ MAX_CHANNELS = 16
 CANONICAL_ORIENTATION = "LPS"
 ITK_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 NUMPY_SUFFIXES = (".npy", ".npz")
-VOLUME_SUFFIXES = ITK_SUFFIXES + NUMPY_SUFFIXES
+HDF5_SUFFIXES = (".h5", ".hdf5")
+CONTAINER_SUFFIXES = (".npz",) + HDF5_SUFFIXES  # files whose arrays `<file>::<member>[<index>]` addresses
+VOLUME_SUFFIXES = ITK_SUFFIXES + NUMPY_SUFFIXES + HDF5_SUFFIXES
+_MEMBER = re.compile(r"^(?P<key>[^\[\]]+?)(?:\[(?P<index>-?\d+)\])?$")
 
 
 class VolumeReadError(VoxseqError):
@@ -263,41 +277,146 @@ def _read_dicom_series(folder: Path, series_uid: str | None = None) -> Volume:
     return _from_sitk(img, folder, "DICOM", extra)
 
 
-def _read_numpy(path: Path, spacing: Sequence[float] | None) -> Volume:
-    """``.npy`` holds a (Z, Y, X) or (C, Z, Y, X) array; ``.npz`` an ``image`` (or single) array and
-    optionally a ``spacing`` array in (x, y, z) order. Spacing must come from the file or the caller."""
+def parse_volume_path(path: str | os.PathLike) -> tuple[Path, str | None, int | None]:
+    """Split ``<file>::<member>[<index>]`` into (file, member, index); a plain path gives (path, None, None).
+
+    Only a ``.npz``/``.h5``/``.hdf5`` file before ``::`` starts a member, so that no other file name
+    changes meaning. ``member`` may be an HDF5 group path (``scans/ct``); ``index`` picks one entry
+    along the array's first axis (a sample of a stacked data set).
+    """
+    text = os.fspath(path)
+    head, sep, member = text.rpartition("::")
+    if not sep or not head.lower().endswith(CONTAINER_SUFFIXES):
+        return Path(text), None, None
+    m = _MEMBER.match(member)
+    if m is None:
+        raise VolumeReadError(text, "expected '<file>::<array>' or '<file>::<array>[<index>]' after '::'")
+    return Path(head), m["key"], None if m["index"] is None else int(m["index"])
+
+
+def member_path(file: str | os.PathLike, member: str, index: int | None = None) -> str:
+    """The ``<file>::<member>[<index>]`` string that :func:`read_volume` reads (inverse of :func:`parse_volume_path`)."""
+    return f"{os.fspath(file)}::{member}" + ("" if index is None else f"[{index}]")
+
+
+def _pick(array, index: int | None, where: str) -> np.ndarray:
+    """``array[index]`` along the first axis (works on numpy arrays and lazily on HDF5 datasets)."""
+    if index is None:
+        return np.asarray(array[()])  # a fresh array: HDF5 datasets read into new memory
+    n = array.shape[0] if array.shape else 0
+    if not -n <= index < n:
+        raise VolumeReadError(where, f"index {index} is out of range (the array holds {n} entries)")
+    return np.array(array[index])
+
+
+def _array_volume(array: np.ndarray, spacing: Sequence[float] | None, where: str, fmt: str, axes: str = "zyx") -> Volume:
+    """A Volume from a bare array: (Z, Y, X) or (C, Z, Y, X), or with ``axes="xyz"`` (X, Y, Z) / (C, X, Y, Z)."""
+    if spacing is None:
+        raise VolumeReadError(where, f"{fmt} volumes need an explicit spacing (x, y, z) in mm (pass spacing=...)")
+    if array.ndim == 2:
+        raise VolumeReadError(where, f"is a 2-D array {array.shape}; voxseq needs 3-D volumes")
+    if array.ndim not in (3, 4):
+        raise VolumeReadError(where, f"has {array.ndim} dimensions; expected (Z, Y, X) or (C, Z, Y, X)")
+    if array.dtype.kind not in "biuf":
+        raise VolumeReadError(where, f"has dtype {array.dtype}; expected a numeric array")
+    if axes == "xyz":
+        array = np.ascontiguousarray(np.swapaxes(array, -1, -3))
+    meta = {"path": where, "format": fmt, "source_orientation": CANONICAL_ORIENTATION,
+            "source_size_xyz": list(array.shape[-3:][::-1]), "source_spacing_xyz": [float(s) for s in spacing],
+            "source_origin_xyz": [0.0, 0.0, 0.0], "source_direction": [1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0],
+            "source_dtype": str(array.dtype), "source_axes": axes}
+    return Volume(array, tuple(float(s) for s in spacing), meta=meta)  # type: ignore[arg-type]
+
+
+@functools.lru_cache(maxsize=2)
+def _npz_member(path: str, key: str, mtime_ns: int, size: int) -> np.ndarray:
+    """One array of an ``.npz``, kept for the next call: reading the samples of a stacked data set one
+    by one would otherwise decompress the whole array once per sample. ``mtime_ns``/``size`` make a
+    rewritten file a new cache key. Read-only, so that no caller can change what the next one sees."""
+    with np.load(path, allow_pickle=False) as z:
+        array = z[key]
+    array.flags.writeable = False
+    return array
+
+
+def _read_numpy(path: Path, spacing: Sequence[float] | None, key: str | None = None, index: int | None = None) -> Volume:
+    """``.npy`` holds a (Z, Y, X) or (C, Z, Y, X) array; ``.npz`` an ``image`` (or single) array, or the
+    one ``key`` names (entry ``index`` of it when given), and optionally a ``spacing`` array in (x, y, z)
+    order. Spacing must come from the file or the caller."""
+    where = member_path(path, key, index) if key else str(path)
     try:
-        if path.suffix.lower() == ".npz":
-            with np.load(path, allow_pickle=False) as z:
-                keys = list(z.keys())
-                key = "image" if "image" in keys else (keys[0] if len(keys) == 1 else None)
-                if key is None:
-                    raise VolumeReadError(path, f"npz has arrays {keys}; expected one named 'image'")
-                array = z[key]
-                if spacing is None and "spacing" in keys:
-                    spacing = [float(s) for s in z["spacing"]]
-        else:
+        if path.suffix.lower() != ".npz":
             array = np.load(path, allow_pickle=False)
+        else:
+            with np.load(path, allow_pickle=False) as z:
+                key = key or _default_member(z.files, path, "npz has arrays")
+                if key not in z.files:
+                    raise VolumeReadError(where, f"no array {key!r} in the npz (has {z.files})")
+                if spacing is None and "spacing" in z.files:
+                    spacing = [float(s) for s in z["spacing"]]
+                array = z[key] if index is None else None
+            if index is not None:
+                st = path.stat()
+                array = _pick(_npz_member(str(path), key, st.st_mtime_ns, st.st_size), index, where)
     except VolumeReadError:
         raise
     except Exception as e:  # numpy raises ValueError/OSError/EOFError/BadZipFile on bad files
         raise VolumeReadError(path, f"not a readable numpy file ({type(e).__name__}: {e})") from None
-    if spacing is None:
-        raise VolumeReadError(path, "numpy volumes need an explicit spacing (x, y, z) in mm (pass spacing=...)")
-    if array.ndim == 2:
-        raise VolumeReadError(path, f"is a 2-D array {array.shape}; voxseq needs 3-D volumes")
-    if array.ndim not in (3, 4):
-        raise VolumeReadError(path, f"has {array.ndim} dimensions; expected (Z, Y, X) or (C, Z, Y, X)")
-    if array.dtype.kind not in "biuf":
-        raise VolumeReadError(path, f"has dtype {array.dtype}; expected a numeric array")
-    meta = {"path": str(path), "format": "numpy", "source_orientation": CANONICAL_ORIENTATION,
-            "source_size_xyz": list(array.shape[-3:][::-1]), "source_spacing_xyz": [float(s) for s in spacing],
-            "source_origin_xyz": [0.0, 0.0, 0.0], "source_direction": [1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0],
-            "source_dtype": str(array.dtype)}
-    return Volume(array, tuple(float(s) for s in spacing), meta=meta)  # type: ignore[arg-type]
+    return _array_volume(array, spacing, where, "numpy")
 
 
-def _check_finite(volume: Volume, path: Path, nonfinite: str) -> None:
+def _default_member(names: list[str], path: Path, what: str) -> str:
+    """The array a container file means when none is named: ``image``, else its only one."""
+    if "image" in names:
+        return "image"
+    if len(names) == 1:
+        return names[0]
+    raise VolumeReadError(path, f"{what} {names}; expected one named 'image' (or name one: {path.name}::<name>)")
+
+
+def _hdf5_datasets(f) -> list[str]:
+    import h5py
+
+    names: list[str] = []
+    f.visititems(lambda name, node: names.append(name) if isinstance(node, h5py.Dataset) else None)
+    return names
+
+
+def _hdf5_attr(node, f, name: str):
+    """An attribute of the dataset, else of the file (where a whole-file convention would be written)."""
+    return node.attrs.get(name, f.attrs.get(name))
+
+
+def _read_hdf5(path: Path, spacing: Sequence[float] | None, key: str | None = None, index: int | None = None) -> Volume:
+    """A dataset of an HDF5 file: the one ``key`` names, else ``image``, else the only one. Spacing from
+    the caller or a ``spacing`` attribute; (X, Y, Z) axis order unless an ``axes`` attribute says ``zyx``."""
+    import h5py
+
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise VolumeReadError(path, f"not a readable HDF5 file ({e})") from None
+    with f:
+        names = _hdf5_datasets(f)
+        key = key or _default_member(names, path, "HDF5 file has datasets")
+        where = member_path(path, key, index)
+        node = f.get(key)
+        if not isinstance(node, h5py.Dataset):
+            raise VolumeReadError(where, f"no dataset {key!r} in the HDF5 file (has {names})")
+        if spacing is None and _hdf5_attr(node, f, "spacing") is not None:
+            spacing = [float(s) for s in _hdf5_attr(node, f, "spacing")]
+        axes = _hdf5_attr(node, f, "axes")
+        axes = axes.decode() if isinstance(axes, bytes) else str(axes or "xyz")
+        if axes not in ("xyz", "zyx"):
+            raise VolumeReadError(where, f"axes attribute must be 'xyz' or 'zyx', not {axes!r}")
+        try:
+            array = _pick(node, index, where)
+        except (OSError, TypeError) as e:
+            raise VolumeReadError(where, f"cannot read the dataset ({e})") from None
+    return _array_volume(array, spacing, where, "HDF5", axes)
+
+
+def _check_finite(volume: Volume, path: str | Path, nonfinite: str) -> None:
     a = volume.array
     if a.dtype.kind != "f":
         return
@@ -320,13 +439,15 @@ def read_volume(path: str | os.PathLike, *, spacing: Sequence[float] | None = No
     Formats: ``.nii``/``.nii.gz``, ``.nrrd``/``.nhdr``, ``.mha``/``.mhd``, a folder holding a DICOM
     series (the largest series when there are several, unless ``series_uid`` names one; slices sorted
     by position; rescale slope/intercept applied), a folder of 16-bit PNG slices (DeepLesion; needs
-    ``spacing``), ``.npy``/``.npz`` (already (Z, Y, X), with
-    ``spacing`` in (x, y, z) mm). ``nonfinite``: ``"error"`` (default) refuses NaN/Inf voxels,
-    ``"zero"`` replaces them with 0.
+    ``spacing``), ``.npy``/``.npz`` (already (Z, Y, X), with ``spacing`` in (x, y, z) mm), ``.h5``/
+    ``.hdf5`` ((X, Y, Z), with ``spacing``), and one array of a container file as
+    ``<file>::<member>[<index>]`` (module docstring). ``nonfinite``: ``"error"`` (default) refuses
+    NaN/Inf voxels, ``"zero"`` replaces them with 0.
 
     Raises :class:`VolumeReadError` (``"<path>: <cause>"``) for anything that is not a valid volume.
     """
-    path = Path(path)
+    spec = os.fspath(path)
+    path, member, index = parse_volume_path(path)  # a member only ever follows a .npz/.h5 file
     _check_file(path)
     if path.is_dir():
         from voxseq.io.png_series import is_png_series, read_png_series
@@ -335,7 +456,9 @@ def read_volume(path: str | os.PathLike, *, spacing: Sequence[float] | None = No
     else:
         suffix = _path_suffix(path)
         if suffix in NUMPY_SUFFIXES:
-            volume = _read_numpy(path, spacing)
+            volume = _read_numpy(path, spacing, member, index)
+        elif suffix in HDF5_SUFFIXES:
+            volume = _read_hdf5(path, spacing, member, index)
         elif suffix in ITK_SUFFIXES or suffix in (".dcm", ".gz"):
             fmt = {".nii": "NIfTI", ".nii.gz": "NIfTI", ".nrrd": "NRRD", ".nhdr": "NRRD", ".mha": "MetaImage",
                    ".mhd": "MetaImage", ".dcm": "DICOM", ".gz": "gzip"}[suffix]
@@ -348,7 +471,7 @@ def read_volume(path: str | os.PathLike, *, spacing: Sequence[float] | None = No
                                         f"(voxseq reads {', '.join(VOLUME_SUFFIXES)} and DICOM folders)")
     if nonfinite not in ("error", "zero"):
         raise VoxseqError(f"nonfinite must be 'error' or 'zero', not {nonfinite!r}")
-    _check_finite(volume, path, nonfinite)
+    _check_finite(volume, spec, nonfinite)
     return volume
 
 
