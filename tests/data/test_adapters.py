@@ -190,3 +190,141 @@ def test_generic_csv(tmp_path):
 def test_unknown_adapter():
     with pytest.raises(VoxseqError, match="unknown dataset adapter 'kaggle'.*msd"):
         build_manifest("kaggle", ".")
+
+
+# ---------------------------------------------------------------------------- LA, RICORD, NoduleMNIST3D
+
+
+def _la_case(path: Path, seed: int, shape_xyz=(12, 10, 8), datasets=("image", "label")) -> np.ndarray:
+    """One case as the semi-supervised works ship it: float image and uint8 label, stored (X, Y, Z)."""
+    import h5py
+
+    image = np.random.default_rng(seed).normal(0, 1, shape_xyz).astype(np.float32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as f:
+        for name in datasets:
+            f[name] = image if name == "image" else (image > 1).astype(np.uint8)
+    return image
+
+
+def test_la(tmp_path):
+    root = tmp_path / "LA" / "2018LA_Seg_Training Set"
+    images = {f"CASE{i:02d}": _la_case(root / f"CASE{i:02d}" / "mri_norm2.h5", i) for i in range(9)}
+    images["CASE09"] = _la_case(root / "CASE09.h5", 9)  # the flat <case>.h5 layout
+    assert detect_dataset(root) == "la"
+    recs = {r.id: r for r in build_manifest("la", root)}
+    assert set(recs) == set(images)
+    assert sorted(sum(r.split == s for r in recs.values()) for s in ("train", "val", "test")) == [1, 2, 7]
+    r = recs["CASE03"]
+    assert r.images["image"].endswith("CASE03/mri_norm2.h5::image") and r.label.endswith("mri_norm2.h5::label")
+    v = read_volume(r.images["image"], spacing=r.spacing)
+    assert v.size_xyz == (12, 10, 8) and v.spacing == (0.625, 0.625, 0.625)
+    assert v.array[7, 4, 11] == images["CASE03"][11, 4, 7]  # (X, Y, Z) on disk -> (Z, Y, X)
+    lab = read_volume(r.label, spacing=r.spacing)
+    assert lab.array.dtype == np.uint8 and int(lab.array.sum()) == int((images["CASE03"] > 1).sum())
+
+    (root.parent / "test.list").write_text("CASE01\nCASE05\n")  # the community's split, one level up
+    recs = {r.id: r for r in build_manifest("la", root)}
+    assert {i for i, r in recs.items() if r.split == "test"} == {"CASE01", "CASE05"}
+    assert sum(r.split == "val" for r in recs.values()) == 1 and sum(r.split == "train" for r in recs.values()) == 7
+
+    _la_case(root / "CASE10" / "mri_norm2.h5", 10, datasets=("image",))
+    with pytest.raises(VoxseqError, match=r"CASE10/mri_norm2\.h5: no dataset 'label' \(has \['image'\]\)"):
+        build_manifest("la", root)
+
+
+def test_la_prepare_cache(tmp_path):
+    from voxseq.cli import main
+    from voxseq.data.cache import Cache
+
+    root = tmp_path / "LA"
+    images = {f"c{i}": _la_case(root / f"c{i}" / "mri_norm2.h5", i, shape_xyz=(10, 9, 6)) for i in range(3)}
+    out = tmp_path / "cache"
+    assert main(["prepare", str(root), "--out", str(out), "--workers", "1", "intensity=none"]) == 0
+    cache = Cache(out)
+    assert len(cache) == 3
+    i = next(k for k in range(3) if cache.entry(k)["id"] == "c1")
+    assert cache.entry(i)["spacing_xyz"] == [0.625, 0.625, 0.625] and cache.entry(i)["has_label"]
+    img = np.asarray(cache.image(i), np.float32)  # (C, Z, Y, X), float16 on disk
+    assert img.shape == (1, 6, 9, 10)
+    assert np.allclose(img[0], images["c1"].transpose(2, 1, 0), atol=2e-3)
+    assert np.array_equal(np.asarray(cache.label(i)), (images["c1"] > 1).astype(np.uint8).transpose(2, 1, 0))
+
+
+def _ricord_fixture(root: Path) -> dict[str, int]:
+    """Eight NIfTI volumes and one DICOM patient folder, labelled in a CSV with RICORD-style headers."""
+    from tests.conftest import write_dicom_series
+
+    labels = {f"ricord_{i:02d}": i % 2 for i in range(8)}
+    for i, name in enumerate(labels):
+        vol(root / "nifti" / f"{name}.nii.gz", value=i)
+    img = sitk.GetImageFromArray(np.full((3, 8, 8), 40, np.int16))
+    img.SetSpacing((0.7, 0.7, 2.5))
+    write_dicom_series(img, root / "MIDRC-RICORD-1A" / "patient_A" / "study" / "series", "1.2.826.0.1.3680043.2.1125.9")
+    labels["patient_A"] = 1
+    rows = [[f"nifti/{n}.nii.gz" if n == "ricord_00" else n, "positive" if y else "negative"] for n, y in labels.items()]
+    write_csv(root / "ricord_labels.csv", ["Patient ID", "COVID-19"], rows)
+    return labels
+
+
+def test_ricord(tmp_path):
+    root = tmp_path / "RICORD"
+    labels = _ricord_fixture(root)
+    assert detect_dataset(root) == "ricord"
+    recs = {r.id: r for r in build_manifest("ricord", root)}
+    assert set(recs) == {"nifti/ricord_00", *list(labels)[1:]}
+    assert {i: r.classes for i, r in recs.items() if i != "nifti/ricord_00"} == {
+        n: {"covid": float(y)} for n, y in labels.items() if n != "ricord_00"}
+    assert sorted(sum(r.split == s for r in recs.values()) for s in ("train", "val", "test")) == [1, 2, 6]
+    v = read_volume(recs["ricord_05"].images["image"])
+    assert v.size_xyz == (8, 8, 4) and np.allclose(v.spacing, (0.8, 0.8, 2.0)) and int(v.array.max()) == 5
+    dcm = read_volume(recs["patient_A"].images["image"])  # the series folder under the patient folder
+    assert dcm.size_xyz == (8, 8, 3) and np.allclose(dcm.spacing, (0.7, 0.7, 2.5)) and int(dcm.array.max()) == 40
+
+
+def test_ricord_split_column_and_errors(tmp_path):
+    root = tmp_path / "RICORD"
+    for i in range(3):
+        vol(root / f"s{i}.nii.gz", value=i)
+    write_csv(root / "labels.csv", ["filename", "label", "split"],
+              [["s0.nii.gz", 1, "training"], ["s1.nii.gz", 0, "validation"], ["s2.nii.gz", "true", "test"]])
+    recs = build_manifest("ricord", root)
+    assert [(r.id, r.split, r.classes["covid"]) for r in recs] == [("s0", "train", 1.0), ("s1", "val", 0.0), ("s2", "test", 1.0)]
+    write_csv(root / "labels.csv", ["scan", "result"], [["s0.nii.gz", 1]])
+    with pytest.raises(VoxseqError, match=r"labels\.csv: needs an id column .* has \['scan', 'result'\]"):
+        build_manifest("ricord", root)
+    write_csv(root / "labels.csv", ["id", "covid"], [["s0", "maybe"]])
+    with pytest.raises(VoxseqError, match=r"labels\.csv:2: label 'maybe' is not binary"):
+        build_manifest("ricord", root)
+    write_csv(root / "labels.csv", ["id", "covid"], [["s0", 1], ["s7", 0]])
+    with pytest.raises(VoxseqError, match=r"labels\.csv:3: no volume 's7' under"):
+        build_manifest("ricord", root)
+
+
+def _nodulemnist(path: Path, sizes=(("train", 7), ("val", 2), ("test", 3)), drop: str = "") -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in sizes:
+        arrays[f"{split}_images"] = rng.integers(0, 256, (n, 28, 28, 28), dtype=np.uint8)
+        arrays[f"{split}_labels"] = rng.integers(0, 2, (n, 1)).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, **{k: v for k, v in arrays.items() if k != drop})
+    return arrays
+
+
+def test_nodulemnist3d(tmp_path):
+    path = tmp_path / "medmnist" / "nodulemnist3d.npz"
+    arrays = _nodulemnist(path)
+    assert detect_dataset(path.parent) == "nodulemnist3d" and detect_dataset(path) == "nodulemnist3d"
+    recs = build_manifest("nodulemnist3d", path.parent)
+    assert [sum(r.split == s for r in recs) for s in ("train", "val", "test")] == [7, 2, 3]
+    assert [r.classes["malignant"] for r in recs if r.split == "test"] == [float(y) for y in arrays["test_labels"][:, 0]]
+    r = next(r for r in recs if r.id == "nodulemnist3d_val_0001")
+    assert r.images["image"].endswith("nodulemnist3d.npz::val_images[1]") and r.split == "val"
+    v = read_volume(r.images["image"], spacing=r.spacing)
+    assert v.array.shape == (28, 28, 28) and v.spacing == (1.0, 1.0, 1.0)
+    assert np.array_equal(v.array, arrays["val_images"][1])
+    bad = tmp_path / "bad" / "nodulemnist3d.npz"
+    _nodulemnist(bad, drop="test_labels")
+    with pytest.raises(VoxseqError, match=r"bad/nodulemnist3d\.npz: missing arrays \['test_labels'\] \(has \["):
+        build_manifest("nodulemnist3d", bad)

@@ -11,13 +11,22 @@ ctrate         ``dataset/{train,valid}/<split>_<p>/<split>_<p>_<s>/<...>_<recon>
                (``VolumeName, Findings_EN, Impressions_EN``) + ``multi_abnormality_labels`` CSV
 radgenome      CT-RATE volumes + region report CSV (``Volumename, Anatomy, Sentence``) + region masks
                ``<masks>/<volume name>/<region>.nii.gz``
+la             2018 Left Atrium challenge as the semi-supervised segmentation works ship it: one HDF5 per
+               case (``<case>/mri_norm2.h5`` or ``<case>.h5``) with datasets ``image`` and ``label``, stored
+               (X, Y, Z) at 0.625 mm; optional ``train.list``/``test.list`` beside the case folders
+ricord         RICORD COVID-19 CT: NIfTI files or DICOM folders + a labels CSV (an id/file column and a
+               binary covid/label column, optional ``split``) -> ``classes={"covid": 0/1}``
+nodulemnist3d  MedMNIST ``nodulemnist3d.npz``: ``{train,val,test}_images`` (N, 28, 28, 28) uint8 and
+               ``{train,val,test}_labels`` (N, 1) -> one record per sample, ``classes={"malignant": 0/1}``
 folder         any folder of volumes; labels paired by ``imagesTr/labelsTr`` or ``_image/_label|_seg|_mask``
 csv            columns ``id``, ``image`` (or ``image_<modality>``), optional ``label``, ``split``, ``text``;
                other numeric columns become class labels
 =============  ==============================================================================
 
-Splits follow the dataset where it has them (DeepLesion, CT-RATE); otherwise a fixed-seed 7:1:2
-split by sorted id (:func:`split_ids`), as the AR-SSL4M downstream protocol uses for the MSD.
+Splits follow the dataset where it has them (DeepLesion, CT-RATE, NoduleMNIST3D, LA lists, a RICORD
+``split`` column); otherwise a fixed-seed 7:1:2 split by sorted id (:func:`split_ids`), as the
+AR-SSL4M downstream protocol uses for the MSD. Arrays inside HDF5/npz files are addressed as
+``<file>::<array>[<index>]`` (:func:`voxseq.io.volume.member_path`), so no data set is rewritten.
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ import numpy as np
 
 from voxseq import VoxseqError
 from voxseq.data.manifest import Box, Record
-from voxseq.io.volume import VOLUME_SUFFIXES
+from voxseq.io.volume import HDF5_SUFFIXES, VOLUME_SUFFIXES, member_path
 
 DEEPLESION_TYPES = {1: "bone", 2: "abdomen", 3: "mediastinum", 4: "liver", 5: "lung", 6: "kidney", 7: "soft tissue",
                     8: "pelvis", -1: "unknown"}
@@ -296,6 +305,230 @@ def radgenome(root: str | Path, region_reports: str | Path | None = None, masks:
     return list(records.values())
 
 
+# ---------------------------------------------------------------------------- LA (left atrium MRI)
+
+
+LA_SPACING = [0.625, 0.625, 0.625]  # the 2018 challenge's isotropic MRI; the HDF5 files do not store it
+
+
+def _la_files(root: Path) -> dict[str, Path]:
+    """Case id -> HDF5 file: ``<case>/mri_norm2.h5`` (or the folder's one ``.h5``) and ``<case>.h5``."""
+    files = {}
+    for entry in sorted(root.iterdir()):
+        if entry.is_dir():
+            h5 = sorted(f for f in entry.iterdir() if f.is_file() and f.name.lower().endswith(HDF5_SUFFIXES))
+            if h5:
+                files[entry.name] = next((f for f in h5 if f.name == "mri_norm2.h5"), h5[0])
+        elif entry.name.lower().endswith(HDF5_SUFFIXES):
+            files[_stem(entry)] = entry
+    return files
+
+
+def _require_datasets(path: Path, names: Iterable[str]) -> None:
+    """Name a missing dataset now (metadata only) rather than deep inside `voxseq prepare`."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            have = sorted(f.keys())
+    except OSError as e:
+        raise VoxseqError(f"{path}: not a readable HDF5 file ({e})") from None
+    missing = [n for n in names if n not in have]
+    if missing:
+        raise VoxseqError(f"{path}: no dataset {missing[0]!r} (has {have})")
+
+
+def _la_splits(root: Path, ids: list[str], seed: int) -> dict[str, str]:
+    """The semi-supervised works' ``test.list`` (beside the case folders or one level up) is the test
+    split, and one in eight of the other cases is held out for validation; without it, 7:1:2."""
+    listed = next((p for p in (root / "test.list", root.parent / "test.list") if p.is_file()), None)
+    if listed is None:
+        return split_ids(ids, seed=seed)
+    test = {line.strip() for line in listed.read_text().splitlines() if line.strip()}
+    out = split_ids([i for i in ids if i not in test], (0.875, 0.125, 0.0), seed=seed)
+    out.update({i: "test" for i in ids if i in test})
+    return out
+
+
+def la(root: str | Path, seed: int = 0, check_files: bool = True) -> list[Record]:
+    """2018 Left Atrium segmentation challenge in the HDF5 form the semi-supervised works distribute.
+
+    ``image`` and ``label`` are datasets of one file, read through ``<file>::image`` / ``<file>::label``
+    in (X, Y, Z) order (:mod:`voxseq.io.volume`); spacing 0.625 mm isotropic from the record.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise VoxseqError(f"{root}: not a folder")
+    files = _la_files(root)
+    if not files:
+        raise VoxseqError(f"{root}: no LA cases (<case>/mri_norm2.h5 or <case>.h5)")
+    if check_files:
+        for path in files.values():
+            _require_datasets(path, ("image", "label"))
+    splits = _la_splits(root, list(files), seed)
+    return [Record(id=cid, images={"image": member_path(path, "image")}, label=member_path(path, "label"),
+                   split=splits[cid], spacing=list(LA_SPACING), extra={"dataset": "LA"})
+            for cid, path in files.items()]
+
+
+# ---------------------------------------------------------------------------- RICORD (COVID-19 CT)
+
+
+# Accepted header names, compared without case and punctuation ("Patient ID" == "patient_id").
+RICORD_ID_COLUMNS = ("id", "case_id", "patient_id", "patient", "case", "filename", "file", "image", "path",
+                     "volume", "volume_name", "series_uid", "name")
+RICORD_LABEL_COLUMNS = ("covid", "covid19", "covid_positive", "label", "positive", "target", "class")
+_POSITIVE = {"1", "1.0", "true", "yes", "positive", "pos", "covid", "covid19", "covid-19"}
+_NEGATIVE = {"0", "0.0", "false", "no", "negative", "neg", "non-covid", "noncovid", "normal"}
+_SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                "test": "test", "testing": "test"}
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def _column(columns: Iterable[str], candidates: Iterable[str]) -> str | None:
+    """The first of ``candidates`` present among ``columns``, matched by :func:`_norm`."""
+    by_norm = {_norm(c): c for c in columns}
+    return next((by_norm[_norm(c)] for c in candidates if _norm(c) in by_norm), None)
+
+
+def _ricord_csv(root: Path) -> Path | None:
+    """The labels CSV beside the volumes: a top-level CSV, one named *ricord*/*label* first."""
+    csvs = sorted(root.glob("*.csv"), key=lambda p: (not re.search("ricord|label", p.name.lower()), p.name))
+    return csvs[0] if csvs else None
+
+
+def _binary(value: str, where: str) -> float:
+    v = (value or "").strip().lower()
+    if v in _POSITIVE or v in _NEGATIVE:
+        return 1.0 if v in _POSITIVE else 0.0
+    raise VoxseqError(f"{where}: label {value!r} is not binary (0/1, true/false, positive/negative)")
+
+
+def _volume_index(root: Path) -> dict[str, Path]:
+    """Volume files by name without suffix, and DICOM folders by their own and their ancestors' names
+    (the largest series under a patient folder, as ``read_volume`` picks the largest series)."""
+    files: dict[str, Path] = {}
+    dicom: dict[str, tuple[int, Path]] = {}
+    for p in sorted(root.rglob("*")):
+        if _is_volume(p):
+            files.setdefault(_stem(p), p)
+        elif p.is_dir() and (n := sum(f.suffix.lower() == ".dcm" for f in p.iterdir())):
+            for name in [p.name, *(a.name for a in p.relative_to(root).parents if a.name)]:
+                if n > dicom.get(name, (0, p))[0]:
+                    dicom[name] = (n, p)
+    return {**{k: p for k, (_, p) in dicom.items()}, **files}
+
+
+def _strip_volume_suffix(name: str) -> str:
+    for suf in sorted(VOLUME_SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(suf):
+            return name[: -len(suf)]
+    return name
+
+
+def _ricord_split(row: dict, column: str | None, where: str) -> str:
+    value = (row.get(column) or "").strip().lower() if column else ""
+    if value and value not in _SPLIT_NAMES:
+        raise VoxseqError(f"{where}: split must be train, val or test, not {value!r}")
+    return _SPLIT_NAMES.get(value, "")
+
+
+def ricord(root: str | Path, labels: str | Path | None = None, seed: int = 0, check_files: bool = True) -> list[Record]:
+    """RICORD COVID-19 CT classification: NIfTI files or DICOM folders under ``root`` + a labels CSV
+    (``labels``, else a top-level CSV). An id/file column (:data:`RICORD_ID_COLUMNS`) names each volume
+    by path, file name or DICOM folder; a label column (:data:`RICORD_LABEL_COLUMNS`) holds 0/1 (or
+    true/false, positive/negative). A ``split`` column is used where filled; else 7:1:2 fixed seed."""
+    root = Path(root)
+    path = Path(labels) if labels else _ricord_csv(root)
+    if path is None:
+        raise VoxseqError(f"{root}: no labels CSV (an id/file column and a covid/label column); pass labels=")
+    rows = _read_csv(path)
+    cols = list(rows[0]) if rows else []
+    id_col, label_col = _column(cols, RICORD_ID_COLUMNS), _column(cols, RICORD_LABEL_COLUMNS)
+    if id_col is None or label_col is None:
+        raise VoxseqError(f"{path}: needs an id column ({', '.join(RICORD_ID_COLUMNS)}) and a label column "
+                          f"({', '.join(RICORD_LABEL_COLUMNS)}); has {cols}")
+    split_col = _column(cols, ("split",))
+    index = _volume_index(root)
+    records = []
+    for n, row in enumerate(rows, 2):
+        where, value = f"{path}:{n}", row[id_col].strip()
+        found = next((b / value for b in (path.parent, root) if value and (b / value).exists()), None)
+        found = found or index.get(value) or index.get(_strip_volume_suffix(Path(value).name))
+        if found is None and check_files:
+            raise VoxseqError(f"{where}: no volume {value!r} under {root} (a path, a volume file name or a DICOM folder)")
+        records.append(Record(id=_strip_volume_suffix(value), images={"image": str(found or root / value)},
+                              classes={"covid": _binary(row[label_col], where)},
+                              split=_ricord_split(row, split_col, where), extra={"dataset": "RICORD"}))
+    if not records:
+        raise VoxseqError(f"{path}: the CSV has no rows")
+    auto = split_ids([r.id for r in records], seed=seed)
+    for r in records:
+        r.split = r.split or auto[r.id]
+    return records
+
+
+# ---------------------------------------------------------------------------- NoduleMNIST3D (MedMNIST)
+
+
+MEDMNIST_SPLITS = ("train", "val", "test")
+
+
+def _npz_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Array shapes of an ``.npz`` from the ``.npy`` headers alone, without decompressing the data."""
+    import zipfile
+
+    from numpy.lib import format as npy
+
+    shapes = {}
+    try:
+        with zipfile.ZipFile(path) as z:
+            for name in z.namelist():
+                with z.open(name) as f:
+                    major, _ = npy.read_magic(f)
+                    header = npy.read_array_header_1_0(f) if major == 1 else npy.read_array_header_2_0(f)
+                shapes[name.removesuffix(".npy")] = tuple(header[0])
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise VoxseqError(f"{path}: not a readable npz file ({e})") from None
+    return shapes
+
+
+def _medmnist_file(root: Path, name: str) -> Path:
+    """``root`` itself, or ``<name>.npz`` (else the one ``<name>*.npz``, a MedMNIST+ size) in it."""
+    if root.is_file():
+        return root
+    hits = [root / f"{name}.npz"] if (root / f"{name}.npz").is_file() else sorted(root.glob(f"{name}*.npz"))
+    if not hits:
+        raise VoxseqError(f"{root}: no {name}.npz (MedMNIST)")
+    return hits[0]
+
+
+def nodulemnist3d(root: str | Path) -> list[Record]:
+    """NoduleMNIST3D: one record per sample of ``nodulemnist3d.npz``, read in place as
+    ``<file>::<split>_images[<i>]`` ((Z, Y, X) like every numpy volume; 28^3 at 1 mm, upsampled to the
+    model's input by the classification task). The dataset's own train/val/test split."""
+    path = _medmnist_file(Path(root), "nodulemnist3d")
+    shapes = _npz_shapes(path)
+    wanted = [f"{s}_{kind}" for s in MEDMNIST_SPLITS for kind in ("images", "labels")]
+    missing = [k for k in wanted if k not in shapes]
+    if missing:
+        raise VoxseqError(f"{path}: missing arrays {missing} (has {sorted(shapes)})")
+    records = []
+    with np.load(path, allow_pickle=False) as z:
+        for split in MEDMNIST_SPLITS:
+            labels = z[f"{split}_labels"].reshape(-1)
+            if shapes[f"{split}_images"][0] != len(labels) or len(shapes[f"{split}_images"]) != 4:
+                raise VoxseqError(f"{path}: {split}_images {shapes[f'{split}_images']} does not match "
+                                  f"{split}_labels ({len(labels)} samples of (N, D, H, W) images)")
+            records += [Record(id=f"{_stem(path)}_{split}_{i:04d}", images={"image": member_path(path, f"{split}_images", i)},
+                               classes={"malignant": float(y)}, split=split, spacing=[1.0, 1.0, 1.0],
+                               extra={"dataset": "NoduleMNIST3D"}) for i, y in enumerate(labels)]
+    return records
+
+
 # ---------------------------------------------------------------------------- generic
 
 
@@ -390,8 +623,18 @@ def csv_table(path: str | Path, seed: int = 0) -> list[Record]:
 
 ADAPTERS: dict[str, Callable[..., list[Record]]] = {
     "msd": msd, "brats": brats, "deeplesion": deeplesion, "ctrate": ctrate, "radgenome": radgenome,
-    "folder": folder, "csv": csv_table,
+    "la": la, "ricord": ricord, "nodulemnist3d": nodulemnist3d, "folder": folder, "csv": csv_table,
 }
+
+
+def _is_ricord(root: Path) -> bool:
+    """A top-level CSV named *ricord*, or one with a covid label column."""
+    path = _ricord_csv(root)
+    if path is None:
+        return False
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        header = next(csv.reader(f), [])
+    return "ricord" in path.name.lower() or _column(header, ("covid", "covid19", "covid_positive")) is not None
 
 
 def detect_dataset(root: str | Path) -> str:
@@ -400,7 +643,9 @@ def detect_dataset(root: str | Path) -> str:
     if root.is_file():
         if root.suffix.lower() == ".csv":
             return "csv"
-        raise VoxseqError(f"{root}: a file that is neither a manifest (.jsonl) nor a CSV")
+        if root.name.lower().startswith("nodulemnist3d") and root.suffix.lower() == ".npz":
+            return "nodulemnist3d"
+        raise VoxseqError(f"{root}: a file that is neither a manifest (.jsonl), a CSV nor nodulemnist3d.npz")
     if not root.is_dir():
         raise VoxseqError(f"{root}: no such file or directory")
     if (root / "dataset.json").is_file():
@@ -409,6 +654,12 @@ def detect_dataset(root: str | Path) -> str:
         return "deeplesion"
     if (root / "dataset").is_dir() and any((root / "dataset" / s).is_dir() for s in ("train", "valid")):
         return "radgenome" if _find_csv(root, ("*region*report*.csv",)) else "ctrate"
+    if any(root.glob("nodulemnist3d*.npz")):
+        return "nodulemnist3d"
+    if _is_ricord(root):
+        return "ricord"
+    if _la_files(root):
+        return "la"
     cases = [p for p in root.iterdir() if p.is_dir()]
     if cases and all(any(f.name.startswith(c.name) and re.search(r"[-_](t1n|t1c|t1ce|flair)\.nii\.gz$", f.name)
                          for f in c.iterdir()) for c in cases[:3]):
