@@ -83,12 +83,16 @@ def _need(path: Path, what: str, check: bool) -> str:
     return str(path)
 
 
-def _stem(path: Path) -> str:
-    name = path.name
+def _strip_volume_suffix(name: str) -> str:
     for suf in sorted(VOLUME_SUFFIXES, key=len, reverse=True):
         if name.lower().endswith(suf):
             return name[: -len(suf)]
-    return path.stem
+    return name
+
+
+def _stem(path: Path) -> str:
+    stripped = _strip_volume_suffix(path.name)
+    return stripped if stripped != path.name else path.stem
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
@@ -420,13 +424,6 @@ def _volume_index(root: Path) -> dict[str, Path]:
                 if n > dicom.get(name, (0, p))[0]:
                     dicom[name] = (n, p)
     return {**{k: p for k, (_, p) in dicom.items()}, **files}
-
-
-def _strip_volume_suffix(name: str) -> str:
-    for suf in sorted(VOLUME_SUFFIXES, key=len, reverse=True):
-        if name.lower().endswith(suf):
-            return name[: -len(suf)]
-    return name
 
 
 def _ricord_split(row: dict, column: str | None, where: str) -> str:
