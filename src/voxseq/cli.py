@@ -18,7 +18,7 @@ from voxseq import VoxseqError, __version__
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="voxseq: foundation models of 3D medical images (AR-SSL4M, SigVLP).")
-pretrain_app = typer.Typer(no_args_is_help=True, help="Pretrain an encoder (ar: autoregressive sequences).")
+pretrain_app = typer.Typer(no_args_is_help=True, help="Pretrain an encoder (ar: autoregressive sequences; vlp: vision-language on CT chunks).")
 app.add_typer(pretrain_app, name="pretrain")
 
 _state = {"debug": False}
@@ -133,7 +133,24 @@ def pretrain_ar(
     from voxseq.tasks.pretrain_ar import load_ar_config, run_pretrain_ar
 
     cfg = load_ar_config(config, list(overrides or []))
-    summary = run_pretrain_ar(cfg, out, resume=resume)
+    _report_training(run_pretrain_ar(cfg, out, resume=resume), out)
+
+
+@pretrain_app.command("vlp")
+def pretrain_vlp(
+    config: Path = typer.Option(..., "--config", "-c", help="YAML config (see configs/vlp_tiny.yaml, configs/vlp_vit_l.yaml)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder: config, metrics.jsonl, checkpoints, plots."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the run folder's latest checkpoint."),
+    overrides: List[str] = typer.Argument(None, help="Config overrides key=value, dotted for nested fields (model.vision.depth=4)."),
+) -> None:
+    """SigVLP vision-language pretraining: CT chunks of any size paired with organ-wise sentences."""
+    from voxseq.tasks.pretrain_vlp import load_vlp_config, run_pretrain_vlp
+
+    cfg = load_vlp_config(config, list(overrides or []))
+    _report_training(run_pretrain_vlp(cfg, out, resume=resume), out)
+
+
+def _report_training(summary: dict, out: Path) -> None:
     if summary.get("rank", 0) != 0:  # under torchrun only rank 0 reports
         return
     if summary.get("first_loss") is not None:

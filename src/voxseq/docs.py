@@ -39,7 +39,10 @@ def _section(cls, prefix: str, lines: list[str]) -> None:
 
 def configuration_reference() -> str:
     from voxseq.data.preprocess import Preprocess
+    from voxseq.tasks.finetune_cls import ClsConfig
+    from voxseq.tasks.finetune_seg import SegConfig
     from voxseq.tasks.pretrain_ar import ARPretrainConfig
+    from voxseq.tasks.pretrain_vlp import VLPPretrainConfig
 
     lines = ["# Configuration reference", "",
              "Generated from the config dataclasses by `python -m voxseq.docs`; do not edit by hand.",
@@ -47,6 +50,10 @@ def configuration_reference() -> str:
              "nested sections, e.g. `model.depth=4`, `data.preprocess.window=liver`).", "",
              "## `voxseq pretrain ar`", ""]
     _section(ARPretrainConfig, "", lines)
+    for title, cls in (("voxseq pretrain vlp", VLPPretrainConfig), ("voxseq finetune seg", SegConfig),
+                       ("voxseq finetune cls", ClsConfig)):
+        lines += [f"## `{title}`", ""]
+        _section(cls, "", lines)
     lines += ["## `voxseq prepare` (the `Preprocess` config, also `data.preprocess` above)", ""]
     _section(Preprocess, "preprocess", lines)
     return "\n".join(lines).rstrip() + "\n"

@@ -9,7 +9,6 @@ patients): treating those as negatives would push apart pairs that truly match.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -17,11 +16,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from voxseq.models.vlp import SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE  # noqa: F401 - the model owns t and b
+
 # the sampler keys sentences when it pairs chunks with text; one definition, re-exported for loss users
 from voxseq.sequence.chunks import sentence_key
 
-SIGLIP_INIT_LOGIT_SCALE = math.log(10.0)  # the paper's init: temperature t' = log 10
-SIGLIP_INIT_LOGIT_BIAS = -10.0  # starts every pair near "negative", as most pairs are
 PAD_KEY = -1  # sentence keys are 63-bit, hence >= 0: -1 is free for padding
 
 
