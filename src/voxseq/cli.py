@@ -204,18 +204,73 @@ def finetune_cls(
                f"ACC {m['acc']:.3f} sensitivity {m['sensitivity']:.3f} specificity {m['specificity']:.3f} -> {out}")
 
 
-@app.command()
+evaluate_app = typer.Typer(invoke_without_command=True, no_args_is_help=False,
+                           help="Evaluate a checkpoint: segmentation Dice on a split (--checkpoint), or a SigVLP "
+                                "checkpoint's zero-shot classification and retrieval (subcommands).")
+app.add_typer(evaluate_app, name="evaluate")
+
+
+@evaluate_app.callback()
 def evaluate(
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="A segmentation checkpoint or run folder."),
+    ctx: typer.Context,
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="A segmentation checkpoint or run folder."),
     split: str = typer.Option("val", "--split", help="Split of the training cache to evaluate on."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for evaluation.json/.md (default: the run folder)."),
 ) -> None:
-    """Metrics of a fine-tuned checkpoint on a split: JSON and markdown."""
+    """Metrics of a fine-tuned segmentation checkpoint on a split: JSON and markdown."""
+    if ctx.invoked_subcommand:
+        return
+    if checkpoint is None:
+        raise VoxseqError("give --checkpoint (a segmentation run), or a subcommand: zero-shot, retrieval")
     from voxseq.tasks.finetune_seg import evaluate_checkpoint
 
     r = evaluate_checkpoint(checkpoint, split, out)
     typer.echo(f"mean Dice {r['mean_dice']:.4f} over {len(r['per_case'])} volume(s); per class "
                + ", ".join(f"{d:.3f}" for d in r["dice_per_class"]))
+
+
+@evaluate_app.command("zero-shot")
+def evaluate_zero_shot(
+    source: Path = typer.Argument(..., help="Volumes with class labels: a manifest (.jsonl), dataset folder or cache."),
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="A SigVLP checkpoint or run folder."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for zero_shot.json/.md and roc.png."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="YAML: label -> [present prompt, absent prompt] "
+                                           "(default: '<Label> is present.' / '<Label> is not present.')."),
+    labels: Optional[str] = typer.Option(None, "--labels", help="Comma-separated labels (default: all in the prompts/data)."),
+    aggregate: str = typer.Option("volume", "--aggregate", help="volume: one embedding per whole volume; chunks: "
+                                  "the highest score over z-chunks."),
+    chunk_slices: int = typer.Option(32, "--chunk-slices", help="Chunk thickness with --aggregate chunks."),
+    split: Optional[str] = typer.Option(None, "--split", help="Only this split of the data."),
+) -> None:
+    """Zero-shot abnormality classification (CT-CLIP prompts) and organ classification of chunks."""
+    from voxseq.tasks.eval_vlp import run_zero_shot
+
+    r = run_zero_shot(checkpoint, source, out, prompts=prompts, labels=labels.split(",") if labels else None,
+                      aggregate=aggregate, chunk_slices=chunk_slices, split=split)
+    for name, m in r["per_label"].items():
+        typer.echo(f"{name:24s} AUROC {m['auc']:.3f}  ACC {m['acc']:.3f}  weighted F1 {m['weighted_f1']:.3f}")
+    typer.echo(f"mean AUROC {r['mean_auc']:.3f} over {r['n_volumes']} volumes")
+    if "organ_classification" in r:
+        o = r["organ_classification"]
+        typer.echo(f"organ classification: top-1 {o['top1_accuracy']:.3f} (chance {o['top1_chance']:.3f}), "
+                   f"mean AUROC {o['mean_auc']:.3f}")
+    typer.echo(f"-> {out / 'zero_shot.md'}")
+
+
+@evaluate_app.command("retrieval")
+def evaluate_retrieval(
+    source: Path = typer.Argument(..., help="Volumes with reports: a manifest (.jsonl), dataset folder or cache."),
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="A SigVLP checkpoint or run folder."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for retrieval.json/.md."),
+    split: Optional[str] = typer.Option(None, "--split", help="Only this split of the data."),
+) -> None:
+    """Volume -> report and report -> volume retrieval, recall@1/5/10/50/100."""
+    from voxseq.tasks.eval_vlp import run_retrieval
+
+    r = run_retrieval(checkpoint, source, out, split=split)
+    for d in ("volume_to_report", "report_to_volume"):
+        typer.echo(f"{d:18s} " + "  ".join(f"{k} {v:.3f}" for k, v in r[d].items()))
+    typer.echo(f"-> {out / 'retrieval.md'}")
 
 
 @app.command()

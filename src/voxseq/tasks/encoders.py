@@ -25,6 +25,12 @@ from voxseq.train.checkpoint import LoadReport, load_checkpoint, load_state_dict
 OFFICIAL_PREFIX_MAP = {"module.": "", "model.encoder.": "encoder.", "vit.": "encoder.", "backbone.": "encoder."}
 
 
+# Keys of the other parts of voxseq models (AR heads and tokens, UNETR decoder, SigVLP pooling, projections
+# and text tower): expected in a checkpoint, not part of the encoder.
+NOT_ENCODER = ("head.", "start_token", "end_token", "decoder", "stem", "skip_blocks", "up_blocks", "out.",
+               "pool.", "vision_proj.", "text.", "text_proj.", "logit_scale", "logit_bias")
+
+
 def encoder_from_checkpoint(path: str | Path, strict: bool = False) -> tuple[ViT3D, Preprocess, dict[str, Any], LoadReport]:
     """(encoder, preprocessing, checkpoint metadata, load report) from a checkpoint or run folder."""
     ck = load_checkpoint(path)
@@ -35,8 +41,7 @@ def encoder_from_checkpoint(path: str | Path, strict: bool = False) -> tuple[ViT
     encoder = ViT3D(cfg)
     state = {k: v for k, v in ck.state_dict.items()}
     report = load_state_dict_checked(encoder, state, prefix_map={"encoder.": "", **OFFICIAL_PREFIX_MAP})
-    report.unexpected = [k for k in report.unexpected if not k.startswith(("head.", "start_token", "end_token",
-                                                                           "decoder", "stem", "skip_blocks", "up_blocks", "out."))]
+    report.unexpected = [k for k in report.unexpected if not k.startswith(NOT_ENCODER)]
     if not report.loaded:
         raise VoxseqError(f"{ck.path}: no encoder weights found (expected keys under 'encoder.')")
     if strict and (report.missing or report.mismatched):
