@@ -102,6 +102,10 @@ class TextTower(nn.Module):
         self.model = getattr(model, "text_model", model)
         self.pooling = pooling
         self.width = int(self.model.config.hidden_size)
+        if pooling == "mean":  # the model's own pooler head goes unused: keep it out of training (and DDP)
+            for name, p in self.model.named_parameters():
+                if name.startswith("pooler."):
+                    p.requires_grad_(False)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=input_ids, attention_mask=attention_mask)

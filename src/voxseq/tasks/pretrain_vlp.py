@@ -153,8 +153,8 @@ def run_pretrain_vlp(cfg: VLPPretrainConfig, out: str | Path, *, resume: bool = 
             if step % cfg.log_every == 0 or step == cfg.max_steps - 1:
                 logger.log({"step": step, "loss": loss_val, "lr": lr, "tokens_per_s": real_tokens * world / dt,
                             "chunks_per_s": n * world / dt, "padding_waste": padding_waste(batch["segment"]),
-                            "grad_norm": float(grad_norm), "temperature": float(model.logit_scale.exp()),
-                            "bias": float(model.logit_bias), "step_time_s": dt})
+                            "grad_norm": float(grad_norm), "temperature": float(model.logit_scale.detach().exp()),
+                            "bias": float(model.logit_bias.detach()), "step_time_s": dt})
             bar.update(step + 1, loss=loss_val, lr=lr, tok_s=real_tokens * world / dt)
             done = step + 1
             if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:

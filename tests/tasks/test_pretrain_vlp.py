@@ -1,0 +1,165 @@
+"""SigVLP end to end on tiny phantoms: run folder, learning, exact resume, zero-shot / retrieval / embed /
+finetune on the checkpoint, volumes longer than any training chunk, DDP with 2 gloo processes.
+
+The text tower is a tiny randomly initialised BERT saved to a local folder with the packaged MiniLM's
+tokenizer: fast, and it exercises loading "any local Hugging Face checkpoint by path"."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from voxseq.cli import main
+from voxseq.train.metrics import read_metrics
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = ROOT / "configs" / "vlp_tiny.yaml"
+PROMPTS = ROOT / "configs" / "prompts_phantom.yaml"
+
+
+@pytest.fixture(scope="module")
+def text_model(tmp_path_factory) -> Path:
+    from transformers import BertConfig, BertModel
+
+    from voxseq.models.vlp import default_text_model
+
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(default_text_model() / name, folder / name)
+    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                     max_position_embeddings=64)
+    BertModel(cfg).save_pretrained(folder)
+    return folder
+
+
+def tiny(text_model: Path) -> list[str]:
+    return ["model.vision.depth=2", "model.vision.embed_dim=32", "model.vision.num_heads=2", "model.embed_dim=32",
+            f"model.text_model={text_model}", "model.freeze_text=false", "model.text_max_length=32",
+            "chunks.min_slices=8", "chunks.max_slices=16", "chunks_per_batch=6", "max_tokens=256", "warmup_steps=2",
+            "data.phantoms.n_ct=4", "data.phantoms.size_xy=48", "data.phantoms.max_slices=48", "data.workers=1",
+            "data.preprocess.spacing_xyz=[6,6,6]", "log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, text_model) -> Path:
+    run = tmp_path_factory.mktemp("prep")
+    assert main(["pretrain", "vlp", "--config", str(CONFIG), "--out", str(run / "r"), *tiny(text_model), "max_steps=1",
+                 f"data.cache={run / 'cache'}"]) == 0
+    return run / "cache"
+
+
+def losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run)}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, text_model, cache) -> Path:
+    out = tmp_path_factory.mktemp("vlp") / "run"
+    assert main(["pretrain", "vlp", "--config", str(CONFIG), "--out", str(out), *tiny(text_model), "max_steps=24",
+                 "checkpoint_every=12", f"data.cache={cache}", "lr=0.003"]) == 0
+    return out
+
+
+def test_run_folder_contents_and_learning(tmp_path, trained, text_model, cache):
+    rows = read_metrics(trained)
+    assert [r["step"] for r in rows] == list(range(24))
+    assert all(k in rows[-1] for k in ("step", "loss", "lr", "tokens_per_s", "padding_waste", "temperature", "bias"))
+    assert max(r["padding_waste"] for r in rows) < 0.5 and np.mean([r["padding_waste"] for r in rows]) < 0.2
+    assert sorted(p.name for p in (trained / "checkpoints").glob("*.json")) == ["model_00000012.json", "model_00000024.json"]
+    for plot in ("loss_curve.png", "similarity.png"):
+        assert (trained / "plots" / plot).stat().st_size > 5000
+    meta = json.loads((trained / "checkpoints" / "model_00000024.json").read_text())
+    assert meta["model"]["pos_embed"] == "rope3d" and meta["vlp_model"]["text_model"] == str(text_model)
+    # the same batches without learning (lr=0): training must beat it on the last steps
+    frozen = tmp_path / "frozen"
+    assert main(["pretrain", "vlp", "--config", str(CONFIG), "--out", str(frozen), *tiny(text_model), "max_steps=24",
+                 f"data.cache={cache}", "lr=0.0"]) == 0
+    late = range(16, 24)
+    assert sum(losses(trained)[s] for s in late) < 0.7 * sum(losses(frozen)[s] for s in late)
+
+
+def test_resume_reproduces_uninterrupted_losses(tmp_path, text_model, cache):
+    common = ["pretrain", "vlp", "--config", str(CONFIG), *tiny(text_model), "checkpoint_every=2", "max_steps=6",
+              f"data.cache={cache}"]
+    assert main([*common, "--out", str(tmp_path / "full")]) == 0
+    assert main([*common, "--out", str(tmp_path / "cut")]) == 0
+    for step in (4, 6):  # as if killed after the step-2 checkpoint
+        (tmp_path / "cut" / "checkpoints" / f"model_{step:08d}.json").unlink()
+    assert main([*common, "--out", str(tmp_path / "cut"), "--resume"]) == 0
+    assert losses(tmp_path / "cut") == losses(tmp_path / "full")
+
+
+def test_zero_shot_retrieval_embed_and_finetune_take_the_checkpoint(tmp_path, trained):
+    from voxseq.data.phantoms import write_phantoms
+
+    # held-out phantoms with more slices (48 at 6 mm... up to 64 at 3 mm) than any 16-slice training chunk
+    manifest = write_phantoms(tmp_path / "heldout", n_ct=4, n_mri=0, seed=7, size_xy=48, max_slices=48, progress=False)
+    out = tmp_path / "zs"
+    assert main(["evaluate", "zero-shot", "--checkpoint", str(trained), "--prompts", str(PROMPTS), "--out", str(out),
+                 str(manifest)]) == 0
+    r = json.loads((out / "zero_shot.json").read_text())
+    assert r["n_volumes"] == 4 and max(r["slices"]) > 16
+    assert set(r["per_label"]) == {"lung nodule", "pleural effusion", "cardiomegaly", "liver lesion", "kidney cyst",
+                                   "bone lesion"}
+    for m in r["per_label"].values():
+        assert 0.0 <= m["acc"] <= 1.0 and (np.isnan(m["auc"]) or 0.0 <= m["auc"] <= 1.0)
+    assert 0.0 <= r["organ_classification"]["top1_accuracy"] <= 1.0
+    assert (out / "roc.png").is_file() and "Zero-shot abnormality" in (out / "zero_shot.md").read_text()
+    assert main(["evaluate", "zero-shot", "--checkpoint", str(trained), "--aggregate", "chunks", "--chunk-slices", "8",
+                 "--labels", "liver lesion", "--prompts", str(PROMPTS), "--out", str(tmp_path / "zs2"), str(out / "cache")]) == 0
+    assert list(json.loads((tmp_path / "zs2" / "zero_shot.json").read_text())["per_label"]) == ["liver lesion"]
+
+    assert main(["evaluate", "retrieval", "--checkpoint", str(trained), "--out", str(tmp_path / "rt"), str(out / "cache")]) == 0
+    rt = json.loads((tmp_path / "rt" / "retrieval.json").read_text())
+    assert rt["n"] == 4 and rt["volume_to_report"]["R@5"] == 1.0  # 4 volumes: every report is in the top 5
+    assert 0.0 <= rt["volume_to_report"]["R@1"] <= 1.0
+
+    assert main(["embed", "--checkpoint", str(trained), "--per-token", "--out", str(tmp_path / "e.npz"),
+                 str(ROOT / "data" / "samples" / "lung1_image.nrrd")]) == 0
+    e = np.load(tmp_path / "e.npz")
+    assert e["features"].shape[1] == 32 and e["voxel_ijk"].shape == (e["features"].shape[0], 3)
+
+    seg = ROOT / "configs" / "seg_phantom_tiny.yaml"
+    assert main(["finetune", "seg", "--config", str(seg), "--init", str(trained), "--out", str(tmp_path / "seg"),
+                 "max_steps=2", "roi_zyx=[16,16,16]", "batch_size=1", "data.phantoms.n_ct=3", "data.phantoms.size_xy=48",
+                 "data.phantoms.max_slices=48", "data.workers=1"]) == 0
+    meta = json.loads(sorted((tmp_path / "seg" / "checkpoints").glob("model_*.json"))[-1].read_text())
+    assert meta["model"]["pos_embed"] == "rope3d"  # the UNETR encoder is the rotary SigVLP vision tower
+
+
+def test_zero_shot_bad_prompts_and_foreign_cache_are_clear_errors(tmp_path, trained, cache, capsys):
+    bad = tmp_path / "prompts.yaml"
+    bad.write_text("liver lesion: only one prompt\n")
+    assert main(["evaluate", "zero-shot", "--checkpoint", str(trained), "--prompts", str(bad), "--out", str(tmp_path / "o"),
+                 str(cache)]) == 2
+    assert "needs [present prompt, absent prompt]" in capsys.readouterr().err
+    other = tmp_path / "other_cache"  # the same volumes prepared with another window: would drift from training
+    assert main(["prepare", str(cache.parent / "phantoms_ct4_mri0_seed0_48" / "manifest.jsonl"), "--out", str(other),
+                 "--window", "liver", "-j", "1"]) == 0
+    assert main(["evaluate", "retrieval", "--checkpoint", str(trained), "--out", str(tmp_path / "r"), str(other)]) == 2
+    assert "other settings than the checkpoint's preprocessing" in capsys.readouterr().err
+
+
+def torchrun(out: Path, cache: Path, text_model: Path, port: int, *extra: str) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "-m", "voxseq.cli", "pretrain", "vlp", "--config", str(CONFIG), "--out", str(out), *tiny(text_model),
+           "checkpoint_every=2", f"data.cache={cache}", *extra]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, encoding="utf-8", errors="replace")
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_two_gloo_processes_train_and_resume_exactly(tmp_path, cache, text_model):
+    torchrun(tmp_path / "full", cache, text_model, 29537, "max_steps=4")
+    assert [x["step"] for x in read_metrics(tmp_path / "full")] == list(range(4))
+    torchrun(tmp_path / "cut", cache, text_model, 29537, "max_steps=4")
+    (tmp_path / "cut" / "checkpoints" / "model_00000004.json").unlink()
+    torchrun(tmp_path / "cut", cache, text_model, 29537, "max_steps=4", "--resume")
+    assert losses(tmp_path / "cut") == losses(tmp_path / "full")
