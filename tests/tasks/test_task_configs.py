@@ -85,3 +85,23 @@ def test_nodulemnist3d_preset_trains_from_the_npz(tmp_path):
     image = np.asarray(cache.image(i), np.float32)
     assert image.shape == (1, 28, 28, 28) and cache.entry(i)["classes"] == {"malignant": 0.0}
     assert np.allclose(image[0], arrays["test_images"][2] / 255.0, atol=1e-3)  # hu_range [0, 255] -> [0, 1]
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("vlp_*.yaml")), ids=lambda p: p.stem)
+def test_vlp_configs_load(path):
+    from voxseq.tasks.pretrain_vlp import load_vlp_config
+
+    cfg = load_vlp_config(path)
+    assert cfg.name == path.stem and cfg.model.vision.pos_embed == "rope3d" and cfg.optimizer == "muon"
+    assert cfg.chunks.patch_size == cfg.model.vision.patch_size
+
+
+def test_vlp_reference_setting():
+    from voxseq.models.vit3d import rope_axis_dims
+    from voxseq.tasks.pretrain_vlp import load_vlp_config
+
+    v = load_vlp_config(CONFIGS / "vlp_vit_l.yaml").model.vision
+    assert (v.depth, v.embed_dim, v.num_heads) == (24, 1024, 16)  # ViT-L
+    assert rope_axis_dims(v.embed_dim // v.num_heads, v.rope_split) == [16, 24, 24]  # t:h:w = 2:3:3 of 64
+    pre = load_vlp_config(CONFIGS / "vlp_vit_l.yaml").data.preprocess
+    assert pre.window_range == (-1000.0, 1000.0) and pre.out_range == [-1.0, 1.0] and pre.spacing_xyz[2] == 1.5
