@@ -102,3 +102,39 @@ def test_two_gloo_processes_train_and_resume_exactly(tmp_path, cache, strategy, 
         (tmp_path / "cut" / "checkpoints" / f"model_{step:08d}.json").unlink()
     torchrun(tmp_path / "cut", cache, strategy, port, "max_steps=6", "--resume")
     assert losses(tmp_path / "cut") == losses(tmp_path / "full")
+
+
+def test_nonfinite_steps_are_skipped_and_too_many_stop_the_run(tmp_path, cache, monkeypatch):
+    import math
+
+    import torch
+
+    import voxseq.tasks.pretrain_ar as par
+    from voxseq import VoxseqError
+    from voxseq.train.checkpoint import load_checkpoint
+
+    real, calls, bad = par.norm_pixel_loss, {"n": 0}, {3, 4}
+
+    def flaky(pred, target, mask):  # one call per step (grad_accum 1): NaN on the chosen steps
+        i, calls["n"] = calls["n"], calls["n"] + 1
+        loss = real(pred, target, mask)
+        return loss * float("nan") if i in bad else loss
+
+    monkeypatch.setattr(par, "norm_pixel_loss", flaky)
+    common = [*TINY, "checkpoint_every=2", f"data.cache={cache}", "max_nonfinite_steps=2"]
+    par.run_pretrain_ar(par.load_ar_config(CONFIG, [*common, "max_steps=8"]), tmp_path / "ok", progress=False)
+    rows = read_metrics(tmp_path / "ok")
+    assert [r["step"] for r in rows if "skipped" in r] == [3, 4]
+    assert [r["step"] for r in rows if "loss" in r] == [0, 1, 2, 5, 6, 7] and all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
+    assert load_checkpoint(tmp_path / "ok").step == 8
+
+    calls["n"] = 0
+    bad.clear()
+    bad.update({4, 5, 6})  # three in a row with a limit of two
+    bad_cfg = par.load_ar_config(CONFIG, [*common, "max_steps=8"])
+    with pytest.raises(VoxseqError, match="3 non-finite losses or gradients in a row.*model_00000006"):
+        par.run_pretrain_ar(bad_cfg, tmp_path / "stop", progress=False)
+    four, six = load_checkpoint(tmp_path / "stop" / "checkpoints" / "model_00000004.json"), load_checkpoint(tmp_path / "stop")
+    assert six.step == 6  # the last good checkpoint is intact: skipped steps 4 and 5 changed no weight
+    assert all(torch.equal(four.state_dict[k], v) for k, v in six.state_dict.items())
+    assert all(torch.isfinite(v).all() for v in six.state_dict.values())

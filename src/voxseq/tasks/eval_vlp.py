@@ -57,6 +57,14 @@ def evaluation_cache(source: str | Path, out: Path, meta: dict[str, Any], split:
     return cache
 
 
+def load_for_evaluation(checkpoint, source, out: Path, split: str | None):
+    """(model, tokenizer, text max length, checkpoint metadata, evaluation cache); creates ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    model, _, meta = vlp_from_checkpoint(checkpoint)
+    max_len = meta["config"].get("text_max_length") or model.cfg.text_max_length
+    return model, load_tokenizer(model.cfg.text_model), max_len, meta, evaluation_cache(source, out, meta, split)
+
+
 def _pad_value(meta: dict[str, Any]) -> float:
     return float(from_dict(ChunkConfig, meta["config"]["chunks"]).pad_value)
 
@@ -147,11 +155,7 @@ def run_zero_shot(checkpoint: str | Path, source: str | Path, out: str | Path, *
     if aggregate not in ("volume", "chunks"):
         raise VoxseqError(f"aggregate must be volume or chunks, not {aggregate!r}")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    model, _, meta = vlp_from_checkpoint(checkpoint)
-    tokenizer = load_tokenizer(model.cfg.text_model)
-    max_len = meta["config"].get("text_max_length") or model.cfg.text_max_length
-    cache = evaluation_cache(source, out, meta, split)
+    model, tokenizer, max_len, meta, cache = load_for_evaluation(checkpoint, source, out, split)
     entries = [cache.entry(i) for i in range(len(cache))]
     pairs = load_prompts(prompts, labels or sorted({k for e in entries for k in e.get("classes", {})}))
     names = [n for n in (labels or list(pairs)) if any(n in e.get("classes", {}) for e in entries)]
@@ -229,11 +233,7 @@ def run_retrieval(checkpoint: str | Path, source: str | Path, out: str | Path, *
     from voxseq.eval.metrics import retrieval_report
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    model, _, meta = vlp_from_checkpoint(checkpoint)
-    tokenizer = load_tokenizer(model.cfg.text_model)
-    max_len = meta["config"].get("text_max_length") or model.cfg.text_max_length
-    cache = evaluation_cache(source, out, meta, split)
+    model, tokenizer, max_len, meta, cache = load_for_evaluation(checkpoint, source, out, split)
     rows = [i for i in range(len(cache)) if (cache.entry(i).get("text") or "").strip()]
     if len(rows) < 2:
         raise VoxseqError(f"{source}: retrieval needs at least two volumes with a report (text)")

@@ -28,6 +28,7 @@ from voxseq.sequence import ResumableSampler, SequenceConfig, SequenceDataset, c
 from voxseq.tasks.data import DataConfig, ensure_cache, open_cache
 from voxseq.train import distributed as dist_utils
 from voxseq.train.checkpoint import checkpoint_to_resume, load_checkpoint, load_state_dict_checked
+from voxseq.train.guards import NonFiniteGuard, clip_gradients
 from voxseq.train.metrics import MetricsLogger, Progress, read_metrics
 from voxseq.train.optim import build_optimizer, param_groups, set_lr, warmup_cosine
 
@@ -47,6 +48,7 @@ class ARPretrainConfig:
     weight_decay: float = 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     grad_clip: float = 1.0
+    max_nonfinite_steps: int = 5  # skip steps with a non-finite loss or gradient; stop after this many in a row
     random_start: bool = True  # prefix length ~ U[0, L-1]; False: pure causal (the paper's ablation)
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     compile: bool = False
@@ -65,6 +67,8 @@ class ARPretrainConfig:
         for name in ("batch_size", "grad_accum", "max_steps", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 raise VoxseqError(f"{name} must be >= 1, not {getattr(self, name)}")
+        if self.max_nonfinite_steps < 0:
+            raise VoxseqError(f"max_nonfinite_steps must be >= 0, not {self.max_nonfinite_steps}")
 
 
 def load_ar_config(path: str | Path | None, overrides: list[str] | None = None) -> ARPretrainConfig:
@@ -125,6 +129,7 @@ def run_pretrain_ar(cfg: ARPretrainConfig, out: str | Path, *, resume: bool = Fa
     meta = {"task": "pretrain-ar", "config": to_dict(cfg), "preprocess": to_dict(source.preprocess),
             "model": to_dict(cfg.model), "model_class": "ARViT3D"}
     flops_tok = flops_per_token(cfg.model, seq_len + 1)
+    guard = NonFiniteGuard(cfg.max_nonfinite_steps, run_dir)
     first_loss = last_loss = None
     t_run = time.perf_counter()
     try:
@@ -147,19 +152,20 @@ def run_pretrain_ar(cfg: ARPretrainConfig, out: str | Path, *, resume: bool = Fa
                 (loss / cfg.grad_accum).backward()
                 loss_sum += loss.item()
                 tokens += b * length
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(0.0)
-            if not torch.isfinite(grad_norm):
-                raise VoxseqError(f"step {step}: non-finite gradient norm; lower the learning rate")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = clip_gradients(model.parameters(), cfg.grad_clip)
             loss_val = float(dist_utils.all_reduce_mean(torch.tensor(loss_sum / cfg.grad_accum)))
             dt = time.perf_counter() - t0
             tok_s = tokens * world / dt
-            first_loss = loss_val if first_loss is None else first_loss
-            last_loss = loss_val
-            if step % cfg.log_every == 0 or step == cfg.max_steps - 1:
-                logger.log({"step": step, "loss": loss_val, "lr": lr, "tokens_per_s": tok_s, "grad_norm": float(grad_norm),
-                            "step_time_s": dt, "model_tflops": tok_s * flops_tok / 1e12})
+            if guard.should_skip(step, loss_val, grad_norm):  # no update; the run stops after too many in a row
+                logger.log({"step": step, "skipped": "non-finite loss or gradient", "lr": lr})
+            else:
+                optimizer.step()
+                first_loss = loss_val if first_loss is None else first_loss
+                last_loss = loss_val
+                if step % cfg.log_every == 0 or step == cfg.max_steps - 1:
+                    logger.log({"step": step, "loss": loss_val, "lr": lr, "tokens_per_s": tok_s, "grad_norm": grad_norm,
+                                "step_time_s": dt, "model_tflops": tok_s * flops_tok / 1e12})
+            optimizer.zero_grad(set_to_none=True)
             bar.update(step + 1, loss=loss_val, lr=lr, tok_s=tok_s)
             done = step + 1
             if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:

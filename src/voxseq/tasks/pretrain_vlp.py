@@ -27,6 +27,7 @@ from voxseq.sequence.chunks import ChunkBatchSampler, ChunkConfig, ChunkTextData
 from voxseq.tasks.data import DataConfig, ensure_cache, open_cache
 from voxseq.train import distributed as dist_utils
 from voxseq.train.checkpoint import checkpoint_to_resume, load_checkpoint, load_state_dict_checked
+from voxseq.train.guards import NonFiniteGuard, clip_gradients
 from voxseq.train.metrics import MetricsLogger, Progress, read_metrics
 from voxseq.train.optim import build_optimizers, set_lr_all, warmup_cosine
 
@@ -56,6 +57,7 @@ class VLPPretrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     optimizer: str = "muon"  # muon: Muon for hidden weight matrices + AdamW for the rest; adamw: AdamW alone
     grad_clip: float = 1.0
+    max_nonfinite_steps: int = 5  # skip steps with a non-finite loss or gradient; stop after this many in a row
     precision: str = "auto"
     compile: bool = False
     distributed: str = "ddp"
@@ -74,6 +76,8 @@ class VLPPretrainConfig:
         for name in ("chunks_per_batch", "max_tokens", "max_steps", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 raise VoxseqError(f"{name} must be >= 1, not {getattr(self, name)}")
+        if self.max_nonfinite_steps < 0:
+            raise VoxseqError(f"max_nonfinite_steps must be >= 0, not {self.max_nonfinite_steps}")
 
 
 def load_vlp_config(path: str | Path | None, overrides: list[str] | None = None) -> VLPPretrainConfig:
@@ -125,6 +129,7 @@ def run_pretrain_vlp(cfg: VLPPretrainConfig, out: str | Path, *, resume: bool = 
     bar = Progress(cfg.max_steps, start, f"pretrain vlp ({count_params(model) / 1e6:.1f}M params)", enabled=main and progress)
     meta = {"task": "pretrain-vlp", "config": to_dict(cfg), "preprocess": to_dict(source.preprocess), **vlp_meta(cfg.model)}
     params = [p for p in model.parameters() if p.requires_grad]
+    guard = NonFiniteGuard(cfg.max_nonfinite_steps, run_dir)
     first_loss = last_loss = None
     t_run = time.perf_counter()
     try:
@@ -139,22 +144,24 @@ def run_pretrain_vlp(cfg: VLPPretrainConfig, out: str | Path, *, resume: bool = 
             loss = loss_fn(img.float(), txt.float(), model.logit_scale, model.logit_bias,
                            key_tensor(batch["shown_keys"]).to(device), key_tensor(batch["sentence_keys"]).to(device))
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(0.0)
-            if not torch.isfinite(grad_norm):
-                raise VoxseqError(f"step {step}: non-finite gradient norm; lower the learning rate")
-            for opt in optimizers:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+            grad_norm = clip_gradients(params, cfg.grad_clip)
             loss_val = float(dist_utils.all_reduce_mean(loss.detach().cpu()))
             dt = time.perf_counter() - t0
             real_tokens = int((batch["segment"] >= 0).sum())
-            first_loss = loss_val if first_loss is None else first_loss
-            last_loss = loss_val
-            if step % cfg.log_every == 0 or step == cfg.max_steps - 1:
-                logger.log({"step": step, "loss": loss_val, "lr": lr, "tokens_per_s": real_tokens * world / dt,
-                            "chunks_per_s": n * world / dt, "padding_waste": padding_waste(batch["segment"]),
-                            "grad_norm": float(grad_norm), "temperature": float(model.logit_scale.detach().exp()),
-                            "bias": float(model.logit_bias.detach()), "step_time_s": dt})
+            if guard.should_skip(step, loss_val, grad_norm):  # no update; the run stops after too many in a row
+                logger.log({"step": step, "skipped": "non-finite loss or gradient", "lr": lr})
+            else:
+                for opt in optimizers:
+                    opt.step()
+                first_loss = loss_val if first_loss is None else first_loss
+                last_loss = loss_val
+                if step % cfg.log_every == 0 or step == cfg.max_steps - 1:
+                    logger.log({"step": step, "loss": loss_val, "lr": lr, "tokens_per_s": real_tokens * world / dt,
+                                "chunks_per_s": n * world / dt, "padding_waste": padding_waste(batch["segment"]),
+                                "grad_norm": grad_norm, "temperature": float(model.logit_scale.detach().exp()),
+                                "bias": float(model.logit_bias.detach()), "step_time_s": dt})
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
             bar.update(step + 1, loss=loss_val, lr=lr, tok_s=real_tokens * world / dt)
             done = step + 1
             if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
