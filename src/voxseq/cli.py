@@ -88,6 +88,8 @@ def prepare(
     on_error: str = typer.Option("stop", "--on-error", help="stop: stop at the first bad volume; skip: go on and list it."),
     nonfinite: str = typer.Option("error", "--nonfinite", help="error: refuse NaN/Inf voxels; zero: replace them with 0."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete an existing cache at --out first."),
+    verify: bool = typer.Option(False, "--verify", help="Check the sha256 of every finished volume (file sizes are always checked); a broken one stops the run."),
+    repair: bool = typer.Option(False, "--repair", help="Check every finished volume's sha256 and rebuild only the broken ones."),
     overrides: List[str] = typer.Argument(None, help="Preprocess overrides key=value, e.g. crop_foreground=true."),
 ) -> None:
     """Preprocess a corpus into a fast, memory-mapped voxel cache."""
@@ -95,9 +97,12 @@ def prepare(
 
     summary = run_prepare(source, out, config=config, adapter=adapter, window=window, spacing=spacing,
                           workers=workers, on_error=on_error, nonfinite=nonfinite, overwrite=overwrite,
-                          overrides=list(overrides or []))
-    typer.echo(f"prepared {summary.done} volume(s), reused {summary.reused}, skipped {len(summary.skipped)} "
+                          verify=verify, repair=repair, overrides=list(overrides or []))
+    repaired = f", repaired {len(summary.repaired)}" if repair else ""
+    typer.echo(f"prepared {summary.done} volume(s), reused {summary.reused}{repaired}, skipped {len(summary.skipped)} "
                f"in {summary.seconds:.1f} s ({summary.volumes_per_s:.2f} volumes/s, {summary.mb_per_s:.1f} MB/s) -> {out}")
+    for rid in summary.repaired:
+        typer.echo(f"  repaired {rid}")
     for s in summary.skipped:
         typer.echo(f"  skipped {s['id']}: {s['error']}")
 

@@ -174,10 +174,12 @@ def test_region_masks_are_cached_as_bits_on_the_image_grid(tmp_path):
         assert np.array_equal((bits & np.uint32(1 << r)) > 0, ref.array > 0)
     assert ((bits & 1) > 0).sum() == 5 * 5 * 3 and ((bits & 2) > 0).sum() == 5 * 5 * 5  # z halved by 2 mm slices
     assert ((bits & 3) == 3).sum() == 2 * 2 * 2 and bits.max() == 3
-    # a finished volume with regions is reused; one whose regions.npy is gone is redone
+    # a finished volume with regions is reused; one whose regions.npy is gone is named, then redone by repair
     assert prepare_cache([rec, plain], tmp_path / "c", RADGENOME_PREPROCESS, progress=False).reused == 2
     (tmp_path / "c" / e["folder"] / "regions.npy").unlink()
-    assert prepare_cache([rec, plain], tmp_path / "c", RADGENOME_PREPROCESS, progress=False).done == 1
+    with pytest.raises(VoxseqError, match=r"regions\.npy: missing"):
+        prepare_cache([rec, plain], tmp_path / "c", RADGENOME_PREPROCESS, progress=False)
+    assert prepare_cache([rec, plain], tmp_path / "c", RADGENOME_PREPROCESS, repair=True, progress=False).done == 1
 
 
 def test_more_than_32_regions_is_refused(tmp_path):

@@ -9,7 +9,8 @@ Layout of a cache folder::
       volumes/<id>/regions.npy    uint32 (Z, Y, X), when the record has region masks (RadGenome): bit r is
                                   set where region entry["regions"][r] is; regions may overlap
       volumes/<id>/entry.json     shape, spacing, geometry, intensity statistics, boxes in this grid,
-                                  checksums; written last: its presence marks a finished volume
+                                  each file's byte size and sha256; written last: its presence marks a
+                                  finished volume
       index.jsonl                 all finished entries, rebuilt at the end of every `prepare`
       skipped.jsonl               records that failed with --on-error skip, with the reason
 
@@ -25,6 +26,14 @@ are evictable page cache), whatever the corpus size.
 Writing is crash-safe: every file is written under a temporary name and renamed into place, and
 ``entry.json`` goes last, so a partial volume is never taken for a finished one; re-running
 ``prepare`` skips finished volumes and redoes the rest.
+
+Integrity: a finished volume whose files no longer match its ``entry.json`` (a truncated, replaced or
+deleted ``.npy``, an unreadable ``entry.json``) is *broken*. Re-running ``prepare`` always checks byte
+sizes (one ``stat`` per file) and, with ``verify=True``, every sha256; a broken volume stops the run
+with one line naming the file, since rebuilding it silently would hide a failing disk or a stray
+writer. ``repair=True`` verifies every checksum and rebuilds exactly the broken volumes, leaving the
+intact ones untouched. Readers check sizes when they open a file and, with ``Cache(verify=True)``,
+checksums too (see :meth:`Cache.check`).
 """
 
 from __future__ import annotations
@@ -227,9 +236,32 @@ def prepare_one(record: Record, cfg: Preprocess, out_dir: Path, nonfinite: str =
     if record.masks:
         bits, entry["regions"] = region_bits(record, image, nonfinite)
         entry["sha256"]["regions.npy"] = atomic_save_npy(folder / "regions.npy", bits)
+    entry["bytes"] = {name: (folder / name).stat().st_size for name in entry["sha256"]}
     entry["seconds"] = round(time.perf_counter() - t0, 3)
     atomic_write_bytes(folder / "entry.json", json.dumps(entry).encode())
     return entry
+
+
+def file_problem(folder: Path, entry: dict, name: str, full: bool) -> str | None:
+    """What is wrong with one of a finished volume's files, as ``"<path>: <cause>"``; None when it matches
+    ``entry.json`` (its byte size always, its sha256 too when ``full``)."""
+    path = folder / name
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return f"{path}: missing (entry.json lists it)"
+    want = entry.get("bytes", {}).get(name)
+    if want is not None and size != want:
+        return f"{path}: {size} bytes, entry.json records {want} (truncated or overwritten)"
+    if full and sha256_file(path) != entry.get("sha256", {}).get(name):
+        return f"{path}: sha256 does not match entry.json (corrupt)"
+    return None
+
+
+def volume_problems(folder: Path, entry: dict, full: bool) -> list[str]:
+    """Problems of every file of a finished volume (empty when intact); see :func:`file_problem`."""
+    problems = (file_problem(folder, entry, name, full) for name in entry.get("sha256", {}))
+    return [p for p in problems if p is not None]
 
 
 # ---------------------------------------------------------------------------- the whole corpus
@@ -240,6 +272,7 @@ class PrepareSummary:
     out_dir: str
     done: int = 0
     reused: int = 0
+    repaired: list[str] = field(default_factory=list)  # ids of broken volumes deleted and rebuilt
     skipped: list[dict[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     bytes_written: int = 0
@@ -273,38 +306,42 @@ def _check_or_write_preprocess(out_dir: Path, cfg: Preprocess) -> None:
         save_yaml(wanted, path)
 
 
-def _finished_entry(out_dir: Path, record: Record) -> dict | None:
+def _finished_entry(out_dir: Path, record: Record, full: bool = False) -> tuple[dict | None, list[str]]:
+    """(entry, []) for an intact finished volume, (None, []) for one not finished yet (no entry.json, or
+    the folder of another id), (None, problems) for a broken one (see the module docstring)."""
     path = out_dir / "volumes" / safe_id(record.id) / "entry.json"
     if not path.is_file():
-        return None
+        return None, []
     try:
         entry = json.loads(path.read_text())
-    except (json.JSONDecodeError, OSError):
-        return None
-    files = ["image.npy"] + (["label.npy"] if entry.get("has_label") else [])
-    files += ["regions.npy"] if entry.get("regions") else []
-    if entry.get("id") != record.id or not all((path.parent / f).is_file() for f in files):
-        return None
-    return entry
+        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), dict):
+            raise ValueError("not a volume entry")
+    except (ValueError, OSError) as e:  # written atomically, so never a crash's leftover
+        return None, [f"{path}: unreadable entry.json ({type(e).__name__})"]
+    if entry.get("id") != record.id:
+        return None, []
+    problems = volume_problems(path.parent, entry, full)
+    return (None, problems) if problems else (entry, [])
 
 
 def _clean_partial(out_dir: Path) -> None:
     """Remove temporary files that an interrupted run left behind."""
-    vols = out_dir / "volumes"
-    if vols.is_dir():
-        for tmp in vols.glob("*/.tmp-*"):
-            tmp.unlink(missing_ok=True)
+    for tmp in [*out_dir.glob(".tmp-*"), *out_dir.glob("volumes/*/.tmp-*")]:
+        tmp.unlink(missing_ok=True)
 
 
 def prepare_cache(records: Iterable[Record], out_dir: str | os.PathLike, cfg: Preprocess, *, workers: int = 1,
                   on_error: str = "stop", nonfinite: str = "error", overwrite: bool = False,
-                  progress: bool = True) -> PrepareSummary:
+                  verify: bool = False, repair: bool = False, progress: bool = True) -> PrepareSummary:
     """Preprocess ``records`` into a cache at ``out_dir`` (see the module docstring).
 
-    Volumes already finished (``entry.json`` present) are reused; the rest run in ``workers``
-    processes, one volume each at a time, so memory stays bounded by ``workers`` volumes. With
-    ``on_error="skip"`` a failing record is logged in ``skipped.jsonl`` and the run goes on; with
-    ``"stop"`` the run stops at the first failure, keeping everything finished before it.
+    Volumes already finished (``entry.json`` present, files of the recorded sizes, and with ``verify``
+    or ``repair`` of the recorded sha256) are reused; the rest run in ``workers`` processes, one
+    volume each at a time, so memory stays bounded by ``workers`` volumes. A broken finished volume
+    raises a one-line :class:`VoxseqError` naming the file, unless ``repair`` (then it is deleted and
+    rebuilt, and listed in ``summary.repaired``). With ``on_error="skip"`` a failing record is logged in
+    ``skipped.jsonl`` and the run goes on; with ``"stop"`` the run stops at the first failure, keeping
+    everything finished before it.
     """
     if on_error not in ON_ERROR:
         raise VoxseqError(f"on_error must be one of {ON_ERROR}, not {on_error!r}")
@@ -321,25 +358,37 @@ def prepare_cache(records: Iterable[Record], out_dir: str | os.PathLike, cfg: Pr
     if len(set(ids)) != len(ids):
         dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
         raise VoxseqError(f"duplicate record ids in the input: {dup}")
-    todo = []
+    finished: dict[str, dict] = {}
+    todo, broken = [], []
     for r in records:
-        if _finished_entry(out_dir, r) is not None:
+        entry, problems = _finished_entry(out_dir, r, full=verify or repair)
+        if entry is not None:
+            finished[r.id] = entry
             summary.reused += 1
         else:
             todo.append(r)
+            broken += [(r.id, p) for p in problems]
+    if broken and not repair:
+        more = f" (and {len(broken) - 1} more)" if len(broken) > 1 else ""
+        raise VoxseqError(f"{broken[0][1]}{more}: this cache volume is broken; re-run with --repair to rebuild "
+                          f"it, leaving intact volumes as they are")
+    for rid in dict(broken):
+        shutil.rmtree(out_dir / "volumes" / safe_id(rid), ignore_errors=True)
+        summary.repaired.append(rid)
     with _progress(progress, len(todo), "prepare") as advance:
         for rid, entry, error in _run(todo, cfg, out_dir, nonfinite, workers):
             if error is None:
+                finished[rid] = entry
                 summary.done += 1
-                summary.bytes_written += sum((out_dir / entry["folder"] / f).stat().st_size for f in entry["sha256"])
+                summary.bytes_written += sum(entry["bytes"].values())
             else:
                 summary.skipped.append({"id": rid, "error": error})
                 if on_error == "stop":
-                    _write_index(out_dir, records, summary)
+                    _write_index(out_dir, records, finished, summary)
                     raise VoxseqError(error)
             advance()
     summary.seconds = time.perf_counter() - t0
-    _write_index(out_dir, records, summary)
+    _write_index(out_dir, records, finished, summary)
     return summary
 
 
@@ -377,13 +426,9 @@ class _progress:
             self.bar.__exit__(*exc)
 
 
-def _write_index(out_dir: Path, records: list[Record], summary: PrepareSummary) -> None:
+def _write_index(out_dir: Path, records: list[Record], finished: dict[str, dict], summary: PrepareSummary) -> None:
     """index.jsonl lists finished volumes in input order; skipped.jsonl the failures of this run."""
-    lines = []
-    for r in records:
-        entry = _finished_entry(out_dir, r)
-        if entry is not None:
-            lines.append(json.dumps(entry))
+    lines = [json.dumps(finished[r.id]) for r in records if r.id in finished]
     atomic_write_bytes(out_dir / "index.jsonl", ("\n".join(lines) + ("\n" if lines else "")).encode())
     skipped = "".join(json.dumps(s) + "\n" for s in summary.skipped)
     atomic_write_bytes(out_dir / "skipped.jsonl", skipped.encode())
@@ -398,9 +443,13 @@ class Cache:
     ``image(i)`` is a read-only float16 memmap (C, Z, Y, X): slicing it reads only the crop.
     Open maps are kept in an LRU of ``max_open`` files, so a worker's memory does not grow with the
     corpus. Safe to pickle into DataLoader workers (maps are reopened in each process).
+
+    Opening a file checks its byte size against ``entry.json`` (a ``stat``); with ``verify=True`` the
+    first opening of each file also checks its sha256. A file that does not match raises a
+    :class:`VoxseqError` naming it, instead of numpy's error or silently wrong voxels.
     """
 
-    def __init__(self, path: str | os.PathLike, split: str | None = None, max_open: int = 64):
+    def __init__(self, path: str | os.PathLike, split: str | None = None, max_open: int = 64, verify: bool = False):
         self.path = Path(path)
         index = self.path / "index.jsonl"
         if not index.is_file():
@@ -411,6 +460,8 @@ class Cache:
         self.entries = entries
         self.split = split
         self.max_open = max_open
+        self.verify_checksums = verify
+        self._verified: set[tuple[int, str]] = set()  # files whose sha256 matched (hashed once per reader)
         self._maps: OrderedDict[tuple[int, str], np.ndarray] = OrderedDict()
         data = load_yaml(self.path / "preprocess.yaml")
         self.preprocess = from_dict(Preprocess, data.get("preprocess", {}))
@@ -427,6 +478,12 @@ class Cache:
         key = (i, name)
         arr = self._maps.get(key)
         if arr is None:
+            full = self.verify_checksums and key not in self._verified
+            problem = file_problem(self.path / self.entries[i]["folder"], self.entries[i], name, full)
+            if problem is not None:
+                raise VoxseqError(f"{problem}; rebuild it with `voxseq prepare ... --repair`")
+            if full:
+                self._verified.add(key)
             arr = np.load(self.path / self.entries[i]["folder"] / name, mmap_mode="r")
             self._maps[key] = arr
             if len(self._maps) > self.max_open:
@@ -453,8 +510,14 @@ class Cache:
         return [e["id"] for e in self.entries]
 
     def verify(self, i: int) -> list[str]:
-        """Names of this volume's files whose checksum does not match (empty when intact)."""
+        """Names of this volume's files whose size or checksum does not match (empty when intact)."""
         e = self.entries[i]
-        folder = self.path / e["folder"]
-        return [name for name, digest in e.get("sha256", {}).items()
-                if not (folder / name).is_file() or sha256_file(folder / name) != digest]
+        return [name for name in e.get("sha256", {}) if file_problem(self.path / e["folder"], e, name, True)]
+
+    def check(self, i: int, full: bool = True) -> None:
+        """Raise a one-line :class:`VoxseqError` naming the first file of volume ``i`` that does not match
+        its ``entry.json`` (sizes; sha256 too when ``full``)."""
+        problems = volume_problems(self.path / self.entries[i]["folder"], self.entries[i], full)
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise VoxseqError(f"{problems[0]}{more}; rebuild it with `voxseq prepare ... --repair`")

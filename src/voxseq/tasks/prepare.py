@@ -45,10 +45,11 @@ def build_preprocess(config: str | Path | None = None, window: str | None = None
 
 def run_prepare(source: str | Path, out: str | Path, *, config=None, adapter=None, window=None, spacing=None,
                 workers: int = 2, on_error: str = "stop", nonfinite: str = "error", overwrite: bool = False,
-                overrides: list[str] | None = None, progress: bool = True) -> PrepareSummary:
+                verify: bool = False, repair: bool = False, overrides: list[str] | None = None,
+                progress: bool = True) -> PrepareSummary:
     cfg = build_preprocess(config, window, spacing, overrides)
     records = load_records(source, adapter)
     if not records:
         raise VoxseqError(f"{source}: no volumes found")
     return prepare_cache(records, out, cfg, workers=workers, on_error=on_error, nonfinite=nonfinite,
-                         overwrite=overwrite, progress=progress)
+                         overwrite=overwrite, verify=verify, repair=repair, progress=progress)
