@@ -23,24 +23,35 @@ spacing comes from the caller (a manifest record's ``spacing``) or a ``spacing``
 and the grid is taken as already LPS. Axis order: numpy arrays are ``(Z, Y, X)``; HDF5 datasets are
 ``(X, Y, Z)``, the order in which the LA files (and MATLAB, nibabel, pynrrd) store volumes, unless the
 dataset or file has an ``axes`` attribute ``"zyx"``.
+
+Hostile or corrupt headers are refused before any voxel memory is allocated: a NIfTI/NRRD/MetaImage
+header whose voxels would take more than ``MAX_VOLUME_BYTES`` (4 GiB; environment variable
+``VOXSEQ_MAX_VOLUME_BYTES``), or more than ``MAX_COMPRESSION_RATIO`` times the bytes of a single-file
+volume (deflate cannot compress beyond about 1032:1, so such a header lies), fails with a one-line
+:class:`VolumeReadError`, as do complex or vector pixels. ITK's own warnings are not printed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
 import os
 import re
+import sys
+import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from voxseq import VoxseqError
 
 MAX_CHANNELS = 16
+MAX_VOLUME_BYTES = 4 << 30  # voxel bytes a header may claim (VOXSEQ_MAX_VOLUME_BYTES overrides)
+MAX_COMPRESSION_RATIO = 1100  # claimed voxel bytes per file byte of a single-file volume (deflate: <= ~1032)
 CANONICAL_ORIENTATION = "LPS"
 ITK_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 NUMPY_SUFFIXES = (".npy", ".npz")
@@ -143,14 +154,51 @@ def _check_file(path: Path) -> None:
             raise VolumeReadError(path, "file is empty (0 bytes)")
 
 
-def _check_gzip(path: Path) -> None:
-    """Read a gzip stream to its end; a truncated or corrupt one fails here with a clear cause."""
+def _check_gzip(path: Path) -> int:
+    """Read a gzip stream to its end; a truncated or corrupt one fails here with a clear cause.
+    Returns the number of decompressed bytes."""
+    n = 0
     try:
         with gzip.open(path, "rb") as f:
-            while f.read(1 << 22):
-                pass
+            while block := f.read(1 << 22):
+                n += len(block)
     except (OSError, EOFError, zlib.error) as e:
         raise VolumeReadError(path, f"corrupt or truncated gzip data ({e})") from None
+    return n
+
+
+def _nifti_extent(header: bytes) -> tuple[int, int] | None:
+    """(voxel data offset, voxel data bytes) from a NIfTI-1 or NIfTI-2 header; None when the header is
+    not plain enough to tell (ITK then judges it)."""
+    import struct
+
+    for endian in "<>":
+        if len(header) >= 348 and struct.unpack_from(endian + "i", header, 0)[0] == 348:
+            dims = struct.unpack_from(endian + "8h", header, 40)
+            bitpix = struct.unpack_from(endian + "h", header, 72)[0]
+            offset = struct.unpack_from(endian + "f", header, 108)[0]
+            break
+        if len(header) >= 540 and struct.unpack_from(endian + "i", header, 0)[0] == 540:
+            dims = struct.unpack_from(endian + "8q", header, 16)
+            bitpix = struct.unpack_from(endian + "h", header, 14)[0]
+            offset = struct.unpack_from(endian + "q", header, 168)[0]
+            break
+    else:
+        return None
+    if not 1 <= dims[0] <= 7 or any(d < 1 for d in dims[1:dims[0] + 1]) or bitpix < 1 or not np.isfinite(offset):
+        return None
+    return int(offset), int(np.prod(dims[1:dims[0] + 1], dtype=object)) * bitpix // 8
+
+
+def _check_nifti_length(path: Path, data_length: int) -> None:
+    """ITK reads a NIfTI file that ends before its voxels do without complaint (the rest is left as
+    zeros or garbage); refuse it instead. ``data_length``: bytes of the (decompressed) file."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rb") as f:
+        extent = _nifti_extent(f.read(540))
+    if extent is not None and data_length < sum(extent):
+        raise VolumeReadError(path, f"truncated NIfTI file: its header needs {sum(extent)} bytes "
+                                    f"({extent[1]} of voxels from byte {extent[0]}), the file holds {data_length}")
 
 
 def _from_sitk(img, path: Path, fmt: str, extra_meta: dict | None = None) -> Volume:
@@ -198,16 +246,88 @@ def _from_sitk(img, path: Path, fmt: str, extra_meta: dict | None = None) -> Vol
     return Volume(array, tuple(ref.GetSpacing()), tuple(ref.GetOrigin()), tuple(ref.GetDirection()), meta)
 
 
+@contextlib.contextmanager
+def _quiet_itk() -> Iterator[list[str]]:
+    """Silence ITK while voxseq reads, and yield the list that receives what it printed.
+
+    ITK prints multi-line warnings (odd sform scales, Analyze headers) and the C libraries inside it
+    (niftilib) print errors straight to the process's stderr; voxseq's promise is one line per problem.
+    So warnings are switched off and file descriptor 2 points at a temporary file for the duration;
+    its lines land in the yielded list when the block ends, for an error message to quote.
+    """
+    import SimpleITK as sitk
+
+    before = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    printed: list[str] = []
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr to protect
+        saved = None
+    with tempfile.TemporaryFile() as sink:
+        if saved is not None:
+            os.dup2(sink.fileno(), 2)
+        try:
+            yield printed
+        finally:
+            if saved is not None:
+                os.dup2(saved, 2)
+                os.close(saved)
+            sitk.ProcessObject.SetGlobalWarningDisplay(before)
+            sink.seek(0)
+            printed += [ln.strip() for ln in sink.read(1 << 16).decode(errors="replace").splitlines() if ln.strip()]
+
+
+def max_volume_bytes() -> int:
+    return int(os.environ.get("VOXSEQ_MAX_VOLUME_BYTES", MAX_VOLUME_BYTES))
+
+
+def _check_header(reader, path: Path, fmt: str) -> None:
+    """Refuse, from the header alone, what cannot be a scalar volume or would take absurd memory."""
+    import SimpleITK as sitk
+
+    pixel = sitk.GetPixelIDValueAsString(reader.GetPixelID())
+    if "complex" in pixel:
+        raise VolumeReadError(path, f"has complex pixels ({pixel}); voxseq reads real-valued scalar volumes")
+    if reader.GetNumberOfComponents() > 1 or "vector" in pixel:
+        raise VolumeReadError(path, "has vector/colour pixels; voxseq reads scalar 3-D volumes")
+    size = [int(n) for n in reader.GetSize()]
+    if min(size, default=0) < 1:
+        raise VolumeReadError(path, f"header gives size {tuple(size)}; every dimension must be at least 1")
+    bits = re.search(r"(\d+)-bit", pixel)
+    claimed = int(np.prod(size, dtype=object)) * (int(bits[1]) // 8 if bits else 8)
+    if claimed > max_volume_bytes():
+        raise VolumeReadError(path, f"header claims size {tuple(size)} of {pixel} ({claimed / 2**30:.3g} GiB), over "
+                                    f"the {max_volume_bytes() / 2**30:g} GiB limit (VOXSEQ_MAX_VOLUME_BYTES)")
+    detached = path.name.lower().endswith((".nhdr", ".mhd"))  # voxels live in another file
+    if not detached and claimed > MAX_COMPRESSION_RATIO * path.stat().st_size + (1 << 16):
+        raise VolumeReadError(path, f"header claims size {tuple(size)} of {pixel} ({claimed} bytes) but the file "
+                                    f"holds only {path.stat().st_size} bytes: corrupt {fmt} header")
+
+
 def _read_itk(path: Path, fmt: str) -> Volume:
     import SimpleITK as sitk
 
-    if path.name.lower().endswith(".gz"):
-        _check_gzip(path)
-    try:
-        img = sitk.ReadImage(str(path))
-    except RuntimeError as e:
-        raise VolumeReadError(path, f"not a readable {fmt} file ({_first_itk_line(e)})") from None
-    return _from_sitk(img, path, fmt)
+    length = _check_gzip(path) if path.name.lower().endswith(".gz") else path.stat().st_size
+    if fmt == "NIfTI":
+        _check_nifti_length(path, length)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    failure, stage = None, f"not a readable {fmt} file"
+    with _quiet_itk() as printed:
+        try:
+            reader.ReadImageInformation()
+            _check_header(reader, path, fmt)
+            img = reader.Execute()
+            stage = "cannot be used as a volume"  # e.g. a pixel type that ITK reads but cannot reorient
+            volume = _from_sitk(img, path, fmt)
+        except RuntimeError as e:
+            failure = e
+    if failure is not None:  # ITK's exception, and the last line its C libraries printed
+        cause = _first_itk_line(failure) + (f"; {printed[-1][:200]}" if printed else "")
+        raise VolumeReadError(path, f"{stage} ({cause})") from None
+    return volume
 
 
 def _first_itk_line(e: Exception) -> str:
@@ -274,7 +394,10 @@ def _read_dicom_series(folder: Path, series_uid: str | None = None) -> Volume:
         if reader.HasMetaDataKey(0, key):
             tags[name] = reader.GetMetaData(0, key).strip()
     extra = {"dicom": tags, "dicom_files": len(files), "other_series": [(u, len(f)) for u, f in series if u != uid]}
-    return _from_sitk(img, folder, "DICOM", extra)
+    try:
+        return _from_sitk(img, folder, "DICOM", extra)
+    except RuntimeError as e:
+        raise VolumeReadError(folder, f"cannot be used as a volume ({_first_itk_line(e)})") from None
 
 
 def parse_volume_path(path: str | os.PathLike) -> tuple[Path, str | None, int | None]:
