@@ -185,3 +185,18 @@ def test_optimizer_state_round_trips():
     assert regression_step(model, optimizers, x, y) == regression_step(clone, clone_opts, x, y)
     for (name, a), b in zip(model.named_parameters(), clone.parameters()):
         assert torch.equal(a, b), name
+
+
+def test_named_lr_scales_get_their_own_group():
+    from voxseq.models import build_ar_model
+    from voxseq.train.optim import build_optimizers, set_lr_all
+
+    model = build_ar_model("tiny", patch_size=4, depth=2, embed_dim=32, num_heads=2)
+    for name in ("adamw", "muon"):
+        opts = build_optimizers(model, name, 1e-3, 0.01, lr_scales={"start_token": 50.0})
+        set_lr_all(opts, 1e-3, 0.5)
+        groups = [g for o in opts for g in o.param_groups]
+        special = [g for g in groups if any(p is model.start_token for p in g["params"])]
+        assert len(special) == 1 and special[0]["params"] == [model.start_token]
+        assert special[0]["lr"] == pytest.approx(1e-3 * 0.5 * 50) and special[0]["weight_decay"] == 0.0
+        assert sum(len(g["params"]) for g in groups) == sum(1 for p in model.parameters() if p.requires_grad)

@@ -56,6 +56,7 @@ class VLPPretrainConfig:
     weight_decay: float = 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     optimizer: str = "muon"  # muon: Muon for hidden weight matrices + AdamW for the rest; adamw: AdamW alone
+    logit_lr_scale: float = 1.0  # lr multiplier of the SigLIP temperature and bias (short runs need them to move)
     grad_clip: float = 1.0
     max_nonfinite_steps: int = 5  # skip steps with a non-finite loss or gradient; stop after this many in a row
     precision: str = "auto"
@@ -110,7 +111,8 @@ def run_pretrain_vlp(cfg: VLPPretrainConfig, out: str | Path, *, resume: bool = 
     if ck is not None:
         load_state_dict_checked(model, ck.state_dict, strict=True)
     net = dist_utils.wrap_model(model, cfg.distributed, device)
-    optimizers = build_optimizers(model, cfg.optimizer, cfg.lr, cfg.weight_decay, tuple(cfg.betas))
+    optimizers = build_optimizers(model, cfg.optimizer, cfg.lr, cfg.weight_decay, tuple(cfg.betas),
+                                  lr_scales={"logit_scale": cfg.logit_lr_scale, "logit_bias": cfg.logit_lr_scale})
     start = dist_utils.restore_training_state(model, optimizers, ck) if ck is not None else 0
     if main:
         save_yaml({**to_dict(cfg), "preprocess": to_dict(source.preprocess)}, run_dir / "config.yaml")

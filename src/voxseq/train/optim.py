@@ -119,17 +119,29 @@ def muon_param_split(model: nn.Module) -> tuple[list[tuple[str, torch.Tensor]], 
     return muon, adamw
 
 
+def _adamw_groups(model: nn.Module, named: list[tuple[str, torch.Tensor]], weight_decay: float,
+                  lr_scales: dict[str, float] | None) -> list[dict]:
+    """The no-decay rules of :func:`param_groups`; parameters named in ``lr_scales`` get a group of their
+    own (no decay) whose lr is scaled."""
+    lr_scales = lr_scales or {}
+    groups = _decay_groups(model, [(n, p) for n, p in named if n not in lr_scales], weight_decay)
+    return groups + [{"params": [p], "weight_decay": 0.0, "lr_scale": float(lr_scales[n])} for n, p in named if n in lr_scales]
+
+
 def build_optimizers(model: nn.Module, name: str, lr: float, weight_decay: float, betas=(0.9, 0.95),
-                     muon_lr: float | None = None, momentum: float = 0.95) -> list[torch.optim.Optimizer]:
+                     muon_lr: float | None = None, momentum: float = 0.95,
+                     lr_scales: dict[str, float] | None = None) -> list[torch.optim.Optimizer]:
     """``"adamw"``: [AdamW]; ``"muon"``: [Muon(hidden matrices), AdamW(the rest)], the no-decay rules of
     :func:`param_groups` applied to the AdamW part.
 
     Muon adjusts its lr to match AdamW's update RMS (``match_rms_adamw``), so one ``lr`` serves both;
     ``muon_lr`` overrides it through the group's ``lr_scale``, which :func:`set_lr_all` respects. A model
-    without any hidden weight matrix gets the AdamW optimiser alone.
+    without any hidden weight matrix gets the AdamW optimiser alone. ``lr_scales`` multiplies the lr of
+    named AdamW parameters (e.g. SigLIP's ``logit_scale``/``logit_bias`` in short runs).
     """
     if name == "adamw":
-        return [build_optimizer(param_groups(model, weight_decay), lr, betas)]
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        return [build_optimizer(_adamw_groups(model, named, weight_decay, lr_scales), lr, betas)]
     if name != "muon":
         raise ValueError(f"unknown optimizer {name!r} (adamw, muon)")
     muon_named, adamw_named = muon_param_split(model)
@@ -140,5 +152,5 @@ def build_optimizers(model: nn.Module, name: str, lr: float, weight_decay: float
         group = {"params": [p for _, p in muon_named], "lr": lr * scale, "weight_decay": weight_decay, "lr_scale": scale}
         optimizers.append(torch.optim.Muon([group], lr=lr * scale, weight_decay=weight_decay, momentum=momentum,
                                            adjust_lr_fn="match_rms_adamw"))
-    optimizers.append(build_optimizer(_decay_groups(model, adamw_named, weight_decay), lr, betas))
+    optimizers.append(build_optimizer(_adamw_groups(model, adamw_named, weight_decay, lr_scales), lr, betas))
     return optimizers
