@@ -158,6 +158,7 @@ def _kill_and_resume(out: Path, manifest: Path, n_volumes: int, kills: int, work
 
 def test_prepare_survives_kill_9_and_resumes(tmp_path, phantoms, reference):
     kills = _kill_and_resume(tmp_path / "cache", phantoms, N_VOLUMES, kills=2, workers=2, seed=0)
+    print(f"kills: (finished volumes, temp files) at each kill {kills}")
     assert len(kills) >= 1 and min(n for n, _ in kills) < N_VOLUMES  # at least one kill landed mid-run
     _assert_complete_and_intact(tmp_path / "cache", reference)
 

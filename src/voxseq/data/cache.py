@@ -370,8 +370,8 @@ def prepare_cache(records: Iterable[Record], out_dir: str | os.PathLike, cfg: Pr
             broken += [(r.id, p) for p in problems]
     if broken and not repair:
         more = f" (and {len(broken) - 1} more)" if len(broken) > 1 else ""
-        raise VoxseqError(f"{broken[0][1]}{more}: this cache volume is broken; re-run with --repair to rebuild "
-                          f"it, leaving intact volumes as they are")
+        raise VoxseqError(f"{broken[0][1]}{more}; re-run with --repair to rebuild the broken volume(s), leaving "
+                          f"intact ones as they are")
     for rid in dict(broken):
         shutil.rmtree(out_dir / "volumes" / safe_id(rid), ignore_errors=True)
         summary.repaired.append(rid)

@@ -38,6 +38,7 @@ import functools
 import gzip
 import os
 import re
+import struct
 import sys
 import tempfile
 import zlib
@@ -170,8 +171,6 @@ def _check_gzip(path: Path) -> int:
 def _nifti_extent(header: bytes) -> tuple[int, int] | None:
     """(voxel data offset, voxel data bytes) from a NIfTI-1 or NIfTI-2 header; None when the header is
     not plain enough to tell (ITK then judges it)."""
-    import struct
-
     for endian in "<>":
         if len(header) >= 348 and struct.unpack_from(endian + "i", header, 0)[0] == 348:
             dims = struct.unpack_from(endian + "8h", header, 40)
