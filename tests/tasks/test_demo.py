@@ -1,23 +1,68 @@
-"""`voxseq demo --quick` end to end: cache, sequences, AR pretraining, report."""
+"""`voxseq demo --quick` end to end: cache, sequences, AR pretraining, segmentation pretrained versus scratch,
+SigVLP, zero-shot classification and retrieval on held-out phantoms, the report; a re-run reuses every step."""
 
 from __future__ import annotations
 
 import json
+import math
+import re
+
+import pytest
 
 from voxseq.cli import main
 
 
+@pytest.mark.timeout(1800)  # the whole system twice: about 5 minutes on 2 idle cores, far more on busy ones
 def test_demo_quick_end_to_end(tmp_path):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out)]) == 0
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["data"]["volumes"] == 6 + 2 + 3  # CT and MRI phantoms plus the three real samples
-    assert metrics["pretrain"]["steps"] == 40
-    assert metrics["pretrain"]["loss_drop"] > 0.1  # the model learns: last tenth of steps well below the first
+    m = json.loads((out / "metrics.json").read_text())  # strict JSON: no NaN
+    assert m["data"]["volumes"] == 6 + 2 + 3  # CT and MRI phantoms plus the three real samples
+    assert m["pretrain"]["steps"] == 40
+    assert m["pretrain"]["loss_drop"] > 0.1  # the model learns: last tenth of steps well below the first
+
+    seg = m["segmentation"]
+    assert set(seg["dice"]) == {"scratch", "pretrained"}
+    assert all(0.0 < d <= 1.0 for d in seg["dice"].values())  # both arms segment something of the organs
+    assert seg["table"][0]["ratio"] == seg["ratio"] < 1.0 and seg["table"][0]["n_train"] >= 1
+
+    vlp = m["vlp"]
+    assert vlp["steps"] == m["settings"]["vlp_steps"] and vlp["loss_end"] < vlp["loss_start"]
+
+    zs = m["zero_shot"]
+    assert zs["n_volumes"] == m["settings"]["n_heldout"]
+    assert set(zs["auc"]) == {"lung nodule", "pleural effusion", "cardiomegaly", "liver lesion", "kidney cyst",
+                              "bone lesion"}
+    assert zs["mean_auc"] is None or 0.0 <= zs["mean_auc"] <= 1.0
+    assert zs["organ_top1"] > zs["organ_chance"]  # the organ prompts pick an organ the chunk shows, beyond chance
+
+    rt = m["retrieval"]
+    for d in ("volume_to_report", "report_to_volume"):
+        assert list(rt[d]) == ["R@1", "R@5", "R@10"] and all(0.0 <= v <= 1.0 for v in rt[d].values())
+        assert rt[d]["R@10"] == 1.0  # 8 held-out volumes: every report is in the top 10
+    assert rt["chance"]["R@1"] == 1 / rt["n"]
+
     page = (out / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 3 and "voxseq pretrain ar" in page
-    assert (out / "report.md").is_file()
-    # a re-run reuses the cache and the finished pretraining
+    assert page.count("data:image/png;base64,") == len(m["figures"]) >= 8  # every figure embedded, one file
+    for caption in ("AR pretraining loss", "AR reconstruction", "Segmentation of a validation volume",
+                    "SigVLP loss", "SigVLP chunk-text similarity", "ROC curves"):
+        assert caption in page
+    for title in ("Label efficiency", "Zero-shot abnormality classification", "Zero-shot organ classification",
+                  "Retrieval", "Timings and throughput"):
+        assert f"<h2>{title}" in page
+    for command in ("voxseq pretrain ar", "voxseq experiment label-efficiency", "voxseq pretrain vlp",
+                    "voxseq evaluate zero-shot", "voxseq evaluate retrieval"):
+        assert command in page
+    md = (out / "report.md").read_text()
+    assert "| volume to report |" in md and "| mean |" in md and "| scratch | pretrained (AR) |" in md
+    assert all(f"]({p.split(str(out) + '/')[1]})" in md for p in m["figures"])
+    assert not re.search(r"\bnan\b", md)
+
+    # a re-run reuses every finished step
     assert main(["demo", "--quick", "--out", str(out)]) == 0
     again = json.loads((out / "metrics.json").read_text())
-    assert again["pretrain"]["reused"] is True and again["wall_s"] < metrics["wall_s"]
+    for step in ("data", "pretrain", "segmentation", "vlp", "zero_shot", "retrieval"):
+        assert again[step]["reused"] is True, step
+    assert again["wall_s"] < 0.5 * m["wall_s"]
+    assert math.isclose(again["segmentation"]["dice"]["pretrained"], seg["dice"]["pretrained"])
+    assert again["zero_shot"]["organ_top1"] == zs["organ_top1"]
