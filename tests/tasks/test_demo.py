@@ -34,7 +34,8 @@ def test_demo_quick_end_to_end(tmp_path):
     assert set(zs["auc"]) == {"lung nodule", "pleural effusion", "cardiomegaly", "liver lesion", "kidney cyst",
                               "bone lesion"}
     assert zs["mean_auc"] is None or 0.0 <= zs["mean_auc"] <= 1.0
-    assert zs["organ_top1"] > zs["organ_chance"]  # the organ prompts pick an organ the chunk shows, beyond chance
+    assert 0.0 <= zs["organ_top1"] <= 1.0 and 0.0 < zs["organ_chance"] < 1.0  # --quick's 20 SigVLP steps are too
+    # few for organ prompts to beat chance reliably: test_full_demo_beats_chance checks that, with -m slow
 
     rt = m["retrieval"]
     for d in ("volume_to_report", "report_to_volume"):
@@ -66,3 +67,15 @@ def test_demo_quick_end_to_end(tmp_path):
     assert again["wall_s"] < 0.5 * m["wall_s"]
     assert math.isclose(again["segmentation"]["dice"]["pretrained"], seg["dice"]["pretrained"])
     assert again["zero_shot"]["organ_top1"] == zs["organ_top1"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(5400)
+def test_full_demo_beats_chance(tmp_path):
+    """The full demo (about 15 minutes on 2 idle cores): organ prompts pick organs the chunks show more
+    often than chance, and pretraining lowers both losses."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["pretrain"]["loss_drop"] > 0.3 and m["vlp"]["loss_end"] < m["vlp"]["loss_start"]
+    assert m["zero_shot"]["organ_top1"] > m["zero_shot"]["organ_chance"]
