@@ -113,6 +113,13 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
     return cls(**kwargs)
 
 
+def require_at_least(cfg: Any, minimum: int, *names: str) -> None:
+    """One clear error for the first of ``names`` whose value on ``cfg`` is below ``minimum``."""
+    for name in names:
+        if getattr(cfg, name) < minimum:
+            raise VoxseqError(f"{name} must be >= {minimum}, not {getattr(cfg, name)}")
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"model.depth=4"`` -> (["model", "depth"], 4); the value is parsed as YAML."""
     if "=" not in text:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from voxseq import VoxseqError
-from voxseq.config import load_config, save_yaml, to_dict
+from voxseq.config import load_config, require_at_least, save_yaml, to_dict
 from voxseq.models.vit3d import ARViT3D, ViTConfig, count_params, flops_per_token
 from voxseq.objectives.ar import norm_pixel_loss, prefix_loss_mask
 from voxseq.sequence import ResumableSampler, SequenceConfig, SequenceDataset, collate_sequences
@@ -64,11 +64,8 @@ class ARPretrainConfig:
             raise VoxseqError(f"sequence.patch_size {self.sequence.patch_size} != model.patch_size {self.model.patch_size}")
         if self.model.in_chans != 1:
             raise VoxseqError("AR pretraining cuts single-channel sub-volumes: model.in_chans must be 1")
-        for name in ("batch_size", "grad_accum", "max_steps", "checkpoint_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise VoxseqError(f"{name} must be >= 1, not {getattr(self, name)}")
-        if self.max_nonfinite_steps < 0:
-            raise VoxseqError(f"max_nonfinite_steps must be >= 0, not {self.max_nonfinite_steps}")
+        require_at_least(self, 1, "batch_size", "grad_accum", "max_steps", "checkpoint_every", "log_every")
+        require_at_least(self, 0, "max_nonfinite_steps")
 
 
 def load_ar_config(path: str | Path | None, overrides: list[str] | None = None) -> ARPretrainConfig:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from voxseq import VoxseqError
-from voxseq.config import load_config, save_yaml, to_dict
+from voxseq.config import load_config, require_at_least, save_yaml, to_dict
 from voxseq.data.preprocess import Preprocess
 from voxseq.models.vit3d import count_params
 from voxseq.models.vlp import SigVLP, VLPModelConfig, load_tokenizer, vlp_meta
@@ -74,11 +74,8 @@ class VLPPretrainConfig:
                               f"{self.model.vision.patch_size}")
         if self.optimizer not in ("muon", "adamw"):
             raise VoxseqError(f"optimizer must be muon or adamw, not {self.optimizer!r}")
-        for name in ("chunks_per_batch", "max_tokens", "max_steps", "checkpoint_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise VoxseqError(f"{name} must be >= 1, not {getattr(self, name)}")
-        if self.max_nonfinite_steps < 0:
-            raise VoxseqError(f"max_nonfinite_steps must be >= 0, not {self.max_nonfinite_steps}")
+        require_at_least(self, 1, "chunks_per_batch", "max_tokens", "max_steps", "checkpoint_every", "log_every")
+        require_at_least(self, 0, "max_nonfinite_steps")
 
 
 def load_vlp_config(path: str | Path | None, overrides: list[str] | None = None) -> VLPPretrainConfig:
