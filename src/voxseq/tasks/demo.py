@@ -130,7 +130,7 @@ def plot_sequences(cache: Cache, seq_cfg, path: Path) -> Path:
     from dataclasses import replace
 
     from voxseq.sequence import KINDS, AugmentConfig, SequenceDataset, unpatchify
-    from voxseq.train.plots import _plt
+    from voxseq.train.plots import _plt, save_figure
 
     plt = _plt()
     kinds = [k for k, w in seq_cfg.kind_weights.items() if w > 0]
@@ -151,10 +151,7 @@ def plot_sequences(cache: Cache, seq_cfg, path: Path) -> Path:
             ax.axis("off")
     fig.suptitle("Token sequences cut from the cache (middle slice of each sub-volume)")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def step_sequences(out: Path, cache: Cache) -> dict[str, Any]:

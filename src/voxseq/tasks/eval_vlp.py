@@ -205,7 +205,7 @@ def zero_shot_markdown(r: dict[str, Any]) -> str:
 def plot_roc(truth: np.ndarray, scores: np.ndarray, names: list[str], path: Path) -> Path:
     from sklearn.metrics import roc_auc_score, roc_curve
 
-    from voxseq.train.plots import _plt
+    from voxseq.train.plots import _plt, save_figure
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 5), dpi=110)
@@ -219,9 +219,7 @@ def plot_roc(truth: np.ndarray, scores: np.ndarray, names: list[str], path: Path
     ax.set_title("Zero-shot abnormality classification")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------- retrieval

@@ -66,7 +66,7 @@ def write_results(out: Path, runs: list[dict[str, Any]], init: str) -> dict[str,
 
 
 def _plot(rows: list[dict[str, Any]], path: Path) -> None:
-    from voxseq.train.plots import _plt
+    from voxseq.train.plots import _plt, save_figure
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 3.6), dpi=110)
@@ -81,8 +81,7 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def token_features(encoder, cache, indices: list[int], max_tokens: int, rng) -> tuple[np.ndarray, np.ndarray]:

@@ -209,7 +209,7 @@ def plot_reconstruction(model: ARViT3D, dataset: SequenceDataset, path: Path, de
     """For one sequence, the middle slice of each sub-volume (input) next to the model's next-token
     predictions given the first sub-volume as prefix."""
     from voxseq.sequence import unpatchify
-    from voxseq.train.plots import _plt
+    from voxseq.train.plots import _plt, save_figure
 
     plt = _plt()
     cfg = dataset.cfg
@@ -235,10 +235,7 @@ def plot_reconstruction(model: ARViT3D, dataset: SequenceDataset, path: Path, de
             a.axis("off")
     fig.suptitle(f"{['spatial', 'contrast', 'semantic'][item['kind']]} sequence: inputs and next-token predictions")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 __all__ = ["ARPretrainConfig", "load_ar_config", "make_ar_plots", "plot_reconstruction",

@@ -195,7 +195,7 @@ def vlp_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") ->
 @torch.no_grad()
 def plot_similarity(model: SigVLP, dataset: ChunkTextDataset, tokenizer, max_len: int, path: Path, n: int = 12) -> Path:
     """Chunk-text similarity of a fresh batch: the diagonal (each chunk's own text) should stand out."""
-    from voxseq.train.plots import _plt
+    from voxseq.train.plots import _plt, save_figure
 
     model.eval()
     batch = collate_packed([dataset[10**8 + i] for i in range(n)], max_tokens=10**9)
@@ -213,10 +213,7 @@ def plot_similarity(model: SigVLP, dataset: ChunkTextDataset, tokenizer, max_len
     fig.colorbar(im, ax=ax, label="cosine similarity")
     ax.set_title("SigVLP: chunk vs text similarity on held-out samples")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def make_vlp_plots(run_dir: Path, cfg: VLPPretrainConfig, dataset: ChunkTextDataset, tokenizer) -> list[Path]:

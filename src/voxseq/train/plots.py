@@ -18,6 +18,15 @@ def _plt():
     return plt
 
 
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """Write a figure (its folder created) and free it; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    _plt().close(fig)
+    return path
+
+
 def smooth(values: Sequence[float], window: int) -> np.ndarray:
     v = np.asarray(values, float)
     if len(v) < 2 or window <= 1:
@@ -47,11 +56,7 @@ def plot_loss_curve(rows: list[dict[str, Any]], path: str | os.PathLike, key: st
     ax.set_title(title or key)
     ax.legend(loc="upper right")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_label_overlays(image: np.ndarray, maps: dict[str, np.ndarray], names: dict[int, str], slices: Sequence[int],
@@ -87,8 +92,4 @@ def plot_label_overlays(image: np.ndarray, maps: dict[str, np.ndarray], names: d
     fig.legend(handles=handles, loc="lower center", ncol=min(5, len(handles)), fontsize=7, frameon=False)
     fig.suptitle(title or "Segmentation")
     fig.tight_layout(rect=(0, 0.06, 1, 1))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
