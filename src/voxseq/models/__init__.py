@@ -12,9 +12,11 @@ from voxseq.models.vit3d import (
     key_padding_mask,
     prefix_causal_mask,
     rope_angles,
+    sincos3_embed,
     sincos_embed,
     vit_config,
 )
 
 __all__ = ["VIT_PRESETS", "ARViT3D", "ViT3D", "ViTConfig", "build_ar_model", "count_params", "flops_per_token",
-           "apply_rope", "key_padding_mask", "prefix_causal_mask", "rope_angles", "sincos_embed", "vit_config"]
+           "apply_rope", "key_padding_mask", "prefix_causal_mask", "rope_angles", "sincos3_embed", "sincos_embed",
+           "vit_config"]

@@ -5,13 +5,18 @@ blocks -> encoder (``ViT3D``) -> autoregressive model (``ARViT3D``). Models comp
 
 Shapes: images (B, C, D, H, W); flattened patches ("tokens" before embedding) (B, L, C*p^3);
 embedded tokens (B, L, E); positions (B, L, 4) = (sub-volume, z, y, x) in patch units (sin-cos), or
-(B, L, 3) = (z, y, x) (3D rotary; a 4-column position's first column is ignored there).
+(B, L, 3) = (z, y, x) (3-axis sin-cos and 3D rotary; a 4-column position's first column is ignored there).
 
-Positions come in two kinds (``ViTConfig.pos_embed``): ``sincos`` adds fixed 3D sin-cos vectors to the
-tokens (AR-SSL4M); ``rope3d`` rotates queries and keys inside attention by angles proportional to each
-token's (z, y, x), the head dimension split between the three axes (SigVLP). Rotary attention scores
-depend only on relative positions, so the number of slices is unconstrained: a model trained on
-64-slice chunks runs on a 300-slice volume without interpolating anything.
+Positions come in three kinds (``ViTConfig.pos_embed``): ``sincos`` adds fixed sin-cos vectors of
+(sub-volume, z, y, x) to the tokens (AR-SSL4M); ``sincos3`` adds the official AR-SSL4M release's 3-axis
+sin-cos (x, y, z) (models converted from it, see ``voxseq.models.official``); ``rope3d`` rotates
+queries and keys inside attention by angles proportional to each token's (z, y, x), the head
+dimension split between the three axes (SigVLP). Rotary attention scores depend only on relative
+positions, so the number of slices is unconstrained: a model trained on 64-slice chunks runs on a
+300-slice volume without interpolating anything.
+
+``ViTConfig.start_token`` prepends a learned token (position zero) to image inputs and drops its
+output, as the official AR-SSL4M downstream models do with their pretrained start token.
 """
 
 from __future__ import annotations
@@ -37,19 +42,23 @@ class ViTConfig:
     qkv_bias: bool = True
     drop_path_rate: float = 0.0
     norm_eps: float = 1e-6
-    pos_embed: str = "sincos"  # sincos: fixed 3D sin-cos over (sub-volume, z, y, x); rope3d: rotary (z, y, x)
+    # sincos: fixed sin-cos over (sub-volume, z, y, x); sincos3: official AR-SSL4M 3-axis; rope3d: rotary (z, y, x)
+    pos_embed: str = "sincos"
     pos_theta: float = 10000.0
     rope_split: list[float] = field(default_factory=lambda: [2.0, 3.0, 3.0])  # head-dim shares of (z, y, x)
     attn_backend: str = "sdpa"  # "sdpa" everywhere; "flex" (CUDA only) skips fully masked blocks
     use_end_token: bool = False  # AR model: append a learned end token after the last token
+    start_token: bool = False  # prepend a learned token (position 0) to images, drop its output (official AR-SSL4M)
 
     def __post_init__(self) -> None:
         if self.embed_dim % self.num_heads:
             raise VoxseqError(f"model.embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if self.pos_embed == "sincos" and self.embed_dim % 8:
             raise VoxseqError(f"model.embed_dim {self.embed_dim} must be a multiple of 8 for 4-axis sin-cos positions")
-        if self.pos_embed not in ("sincos", "rope3d"):
-            raise VoxseqError(f"model.pos_embed {self.pos_embed!r} is not supported (known: sincos, rope3d)")
+        if self.pos_embed == "sincos3" and self.embed_dim % 6:
+            raise VoxseqError(f"model.embed_dim {self.embed_dim} must be a multiple of 6 for 3-axis sin-cos positions")
+        if self.pos_embed not in ("sincos", "sincos3", "rope3d"):
+            raise VoxseqError(f"model.pos_embed {self.pos_embed!r} is not supported (known: sincos, sincos3, rope3d)")
         if self.pos_embed == "rope3d":
             if len(self.rope_split) != 3 or min(self.rope_split) < 0 or sum(self.rope_split) <= 0:
                 raise VoxseqError(f"model.rope_split must be three non-negative shares (z, y, x), not {self.rope_split}")
@@ -93,6 +102,21 @@ def sincos_embed(pos: torch.Tensor, dim: int, theta: float = 10000.0) -> torch.T
     angles = pos.float()[..., None] * freqs  # (..., 4, d/2)
     emb = torch.cat([angles.sin(), angles.cos()], dim=-1)  # (..., 4, d)
     return emb.flatten(-2)
+
+
+def sincos3_embed(pos: torch.Tensor, dim: int, theta: float = 10000.0) -> torch.Tensor:
+    """The official AR-SSL4M 3-axis sin-cos of (..., 3|4) positions (..., z, y, x) -> (..., dim).
+
+    As in the official ``SinCosPosEmbed`` (pretrain/model.py): dim/3 channels per axis, each
+    [sin | cos] of pos * theta^(-i / (dim/6)) for i < dim/6, the axes concatenated in the official
+    arrays' order (x, y, z) - the official code reads volumes as (x, y, z) arrays, voxseq as (z, y, x).
+    A 4-column position's first column (sub-volume) is ignored.
+    """
+    d = dim // 3
+    freqs = theta ** (-torch.arange(0, d // 2, device=pos.device, dtype=torch.float32) / (d // 2))  # (d/2,)
+    xyz = pos[..., -3:].float().flip(-1)  # (z, y, x) -> (x, y, z)
+    angles = xyz[..., None] * freqs  # (..., 3, d/2)
+    return torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(-2)
 
 
 def grid_positions(grid_dhw: tuple[int, int, int], device=None) -> torch.Tensor:
@@ -244,14 +268,17 @@ class ViT3D(nn.Module):
         self.apply(_init_weights)
         w = self.patch_embed.weight.data  # as MAE: init the patch projection like a Linear layer
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        self.start_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim)) if cfg.start_token else None
+        if self.start_token is not None:
+            nn.init.normal_(self.start_token, std=0.02)
 
     @property
     def num_layers(self) -> int:
         return len(self.blocks)
 
     def no_weight_decay(self) -> set[str]:
-        """Parameter names to keep out of weight decay besides norms and biases (none: positions are fixed)."""
-        return set()
+        """Parameter names to keep out of weight decay besides norms and biases (positions are fixed)."""
+        return {"start_token"} if self.start_token is not None else set()
 
     # -- embeddings
 
@@ -265,6 +292,12 @@ class ViT3D(nn.Module):
             return None
         return rope_angles(pos, self.cfg.embed_dim // self.cfg.num_heads, self.cfg.rope_split, self.cfg.pos_theta)
 
+    def position_embedding(self, pos: torch.Tensor) -> torch.Tensor:
+        """Additive position vectors (..., E) of positions (..., 4) (sin-cos kinds only)."""
+        if self.cfg.pos_embed == "sincos3":
+            return sincos3_embed(pos, self.cfg.embed_dim, self.cfg.pos_theta)
+        return sincos_embed(pos, self.cfg.embed_dim, self.cfg.pos_theta)
+
     def embed_tokens(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Flattened patches (B, L, C*p^3) + positions (B, L, 4) -> (B, L, E) (sin-cos added; rotary: none here).
 
@@ -274,7 +307,7 @@ class ViT3D(nn.Module):
         x = F.linear(tokens, w, self.patch_embed.bias)
         if self.uses_rope:
             return x
-        return x + sincos_embed(pos, self.cfg.embed_dim, self.cfg.pos_theta).to(x.dtype)
+        return x + self.position_embedding(pos).to(x.dtype)
 
     def embed_image(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """(B, C, D, H, W) -> tokens (B, N, E) (sin-cos positions added), and the (gd, gh, gw) grid."""
@@ -287,7 +320,7 @@ class ViT3D(nn.Module):
         if self.uses_rope:
             return x, grid  # type: ignore[return-value]
         pos = grid_positions(grid, x.device)  # type: ignore[arg-type]
-        return x + sincos_embed(pos, self.cfg.embed_dim, self.cfg.pos_theta).to(x.dtype), grid  # type: ignore[return-value]
+        return x + self.position_embedding(pos).to(x.dtype), grid  # type: ignore[return-value]
 
     # -- trunk
 
@@ -302,9 +335,18 @@ class ViT3D(nn.Module):
 
     def _image_trunk(self, x: torch.Tensor, token_mask: torch.Tensor | None, indices: set[int] | None = None):
         x, grid = self.embed_image(x)
-        rope = self.rope_for(grid_positions(grid, x.device)[None]) if self.uses_rope else None
+        pos = grid_positions(grid, x.device)[None]  # (1, N, 4)
+        if self.start_token is not None:  # [start, t_0, ...]: the start token sits at position 0 (nothing added)
+            x = torch.cat([self.start_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+            pos = torch.cat([pos.new_zeros(1, 1, pos.shape[-1]), pos], dim=1)
+            if token_mask is not None:
+                token_mask = torch.cat([token_mask.new_ones(token_mask.shape[0], 1), token_mask.bool()], dim=1)
+        rope = self.rope_for(pos) if self.uses_rope else None
         mask = key_padding_mask(token_mask) if token_mask is not None else None
-        return self.run_blocks(x, mask, indices=indices, rope=rope)
+        x, taken = self.run_blocks(x, mask, indices=indices, rope=rope)
+        if self.start_token is not None:  # outputs of the image tokens only
+            x, taken = x[:, 1:], [t[:, 1:] for t in taken]
+        return x, taken
 
     def forward_features(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, C, D, H, W) -> normalised token features (B, N, E), bidirectional attention."""
@@ -326,6 +368,9 @@ class ViT3D(nn.Module):
         """Token sequences (B, L, C*p^3) with positions (B, L, 4) ((B, L, 3) suffices for rotary) -> (B, L, E).
 
         ``mask`` (B, 1, L, L) bool, e.g. block-diagonal for several chunks packed into one row."""
+        if self.start_token is not None:
+            raise VoxseqError("model.start_token applies to image inputs (forward_features, forward_intermediates), "
+                              "not to token sequences")
         x, _ = self.run_blocks(self.embed_tokens(tokens, pos), mask, is_causal, rope=self.rope_for(pos))
         return self.norm(x)
 
@@ -360,6 +405,9 @@ class ARViT3D(nn.Module):
         super().__init__()
         if cfg.pos_embed != "sincos":
             raise VoxseqError("AR-SSL4M pretraining uses sin-cos positions (model.pos_embed=sincos)")
+        if cfg.start_token:
+            raise VoxseqError("model.start_token is an encoder option (official AR-SSL4M downstream models); "
+                              "the AR model prepends its own start token")
         self.cfg = cfg
         self.encoder = ViT3D(cfg)
         self.start_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
@@ -415,4 +463,4 @@ def flops_per_token(cfg: ViTConfig, seq_len: int, training: bool = True) -> floa
 
 __all__ = ["ARViT3D", "Attention", "Block", "VIT_PRESETS", "ViT3D", "ViTConfig", "apply_rope", "build_ar_model",
            "count_params", "flops_per_token", "grid_positions", "key_padding_mask", "prefix_causal_mask", "rope_angles",
-           "rope_axis_dims", "sincos_embed", "vit_config"]
+           "rope_axis_dims", "sincos3_embed", "sincos_embed", "vit_config"]

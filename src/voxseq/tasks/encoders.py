@@ -4,6 +4,8 @@ and turn files into features (``voxseq embed``).
 A checkpoint (file or run folder) carries ``model`` (the ViT config) and ``preprocess`` in its
 metadata. Encoder weights are the keys under ``encoder.`` (AR-SSL4M pretraining and fine-tuned
 models alike); everything else (heads, decoders, special tokens) is reported as unexpected.
+An official AR-SSL4M weights file (``.pth``/``.pt``/``.safetensors``) is converted to these names by
+``load_checkpoint`` (``voxseq.models.official``; mapping in docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -21,10 +23,6 @@ from voxseq.io.volume import Volume, read_volume
 from voxseq.models.vit3d import ViT3D, ViTConfig, vit_config
 from voxseq.train.checkpoint import LoadReport, load_checkpoint, load_state_dict_checked
 
-# Official AR-SSL4M release (a LLaMA-style HF module around a timm-like ViT): key prefixes -> voxseq.
-OFFICIAL_PREFIX_MAP = {"module.": "", "model.encoder.": "encoder.", "vit.": "encoder.", "backbone.": "encoder."}
-
-
 # Keys of the other parts of voxseq models (AR heads and tokens, UNETR decoder, SigVLP pooling, projections
 # and text tower): expected in a checkpoint, not part of the encoder.
 NOT_ENCODER = ("head.", "start_token", "end_token", "decoder", "stem", "skip_blocks", "up_blocks", "out.",
@@ -40,7 +38,7 @@ def encoder_from_checkpoint(path: str | Path, strict: bool = False) -> tuple[ViT
     cfg = from_dict(ViTConfig, meta["model"])
     encoder = ViT3D(cfg)
     state = {k: v for k, v in ck.state_dict.items()}
-    report = load_state_dict_checked(encoder, state, prefix_map={"encoder.": "", **OFFICIAL_PREFIX_MAP})
+    report = load_state_dict_checked(encoder, state, prefix_map={"encoder.": ""})
     report.unexpected = [k for k in report.unexpected if not k.startswith(NOT_ENCODER)]
     if not report.loaded:
         raise VoxseqError(f"{ck.path}: no encoder weights found (expected keys under 'encoder.')")

@@ -9,6 +9,10 @@ Layout inside a run folder (nanoGPT-like ``model_<step>`` + metadata)::
 
 Loading never unpickles arbitrary objects: weights come from safetensors and the training state
 through ``torch.load(weights_only=True)``, which refuses anything but tensors and plain containers.
+
+A weights file without voxseq metadata (``.pth``, ``.pt``, ``.bin``, ``.ckpt``, or ``.safetensors``
+with no ``.json`` beside it) in the official AR-SSL4M format loads too: it is read the same safe way
+and converted to voxseq's names and a faithful encoder config (``voxseq.models.official``).
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ from torch import nn
 from voxseq import VoxseqError, __version__
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+WEIGHTS_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")  # torch pickles: read with weights_only=True
+STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict", "net", "module")  # containers holding the weights
+OFFICIAL_FORMAT = "ar-ssl4m-official"
 
 
 def _sha256(path: Path) -> str:
@@ -191,6 +198,8 @@ class Checkpoint:
 
     def training_state(self) -> dict[str, Any]:
         """Optimiser/scheduler/RNG/sampler state, loaded with ``weights_only=True`` (no arbitrary code)."""
+        if self.meta.get("format") == OFFICIAL_FORMAT:
+            raise VoxseqError(f"{self.path}: an official AR-SSL4M weights file has no voxseq training state to resume from")
         path = checkpoint_paths(self.path.parent, self.step)[1]
         if not path.is_file():
             raise VoxseqError(f"{path}: this checkpoint has no training state to resume from")
@@ -201,11 +210,78 @@ class Checkpoint:
                               f"{str(e).splitlines()[0][:200]})") from None
 
 
-def load_checkpoint(path: str | os.PathLike, verify: bool = True) -> Checkpoint:
-    """Load a checkpoint (file or run folder -> its latest); checksums verified unless ``verify=False``."""
+def _tensors_in(obj: Any) -> dict[str, torch.Tensor] | None:
+    """The state dict inside a loaded object: a flat {name: tensor} dict, or one nested under
+    ``state_dict`` / ``model`` / ... (non-tensor entries beside the tensors are ignored)."""
+    if not isinstance(obj, dict):
+        return None
+    for key in STATE_DICT_KEYS:
+        inner = _tensors_in(obj.get(key))
+        if inner:
+            return inner
+    flat = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    return flat or None
+
+
+def read_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a bare weights file: safetensors, or a torch pickle through
+    ``torch.load(weights_only=True)``, which refuses every object but tensors and plain containers,
+    so loading never runs code from the file."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    p = Path(path)
+    if p.suffix == ".safetensors":
+        try:
+            return load_file(str(p))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise VoxseqError(f"{p}: not a readable safetensors file ({e})") from None
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - pickle errors come in many types
+        raise VoxseqError(f"{p}: refused to load weights ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                          "only tensors and plain containers are accepted (torch.load weights_only=True)") from None
+    state = _tensors_in(obj)
+    if not state:
+        raise VoxseqError(f"{p}: no tensors found (expected a state dict, possibly under 'state_dict' or 'model')")
+    return state
+
+
+def _is_bare_weights(p: Path) -> bool:
+    return p.is_file() and (p.suffix in WEIGHTS_SUFFIXES or (p.suffix == ".safetensors" and not p.with_suffix(".json").is_file()))
+
+
+def load_official_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """An official AR-SSL4M weights file as a voxseq :class:`Checkpoint`: keys converted to voxseq's
+    (``encoder.*``), metadata with the faithful encoder config and the official pretraining
+    preprocessing (RAS arrays, 1-99.9 percentiles -> [0, 1], no resampling), step 0."""
+    from voxseq.config import to_dict
+    from voxseq.data.preprocess import Preprocess
+    from voxseq.models.official import convert_ar_ssl4m, is_official_ar_ssl4m
+
+    p = Path(path)
+    state = read_weights_file(p)
+    if not is_official_ar_ssl4m(state):
+        raise VoxseqError(f"{p}: neither a voxseq checkpoint (no {p.with_suffix('.json').name} metadata beside it) "
+                          "nor an official AR-SSL4M state dict (no 'model.layers.0.self_attn.q_proj.weight' and "
+                          "'model.patchifier.proj.weight' keys)")
+    converted, cfg = convert_ar_ssl4m(state)
+    pre = Preprocess(orientation="RAS", intensity="percentile", percentiles=[1.0, 99.9], out_range=[0.0, 1.0])
+    meta = {"step": 0, "task": OFFICIAL_FORMAT, "format": OFFICIAL_FORMAT, "source": str(p),
+            "model": to_dict(cfg), "preprocess": to_dict(pre)}
+    return Checkpoint(p, meta, converted)
+
+
+def load_checkpoint(path: str | os.PathLike, verify: bool = True) -> Checkpoint:
+    """Load a checkpoint (file or run folder -> its latest); checksums verified unless ``verify=False``.
+
+    A bare weights file (``.pth``/``.pt``/``.bin``/``.ckpt``, or ``.safetensors`` without metadata)
+    must be in the official AR-SSL4M format (:func:`load_official_checkpoint`)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if _is_bare_weights(Path(path)):
+        return load_official_checkpoint(path)
     meta_path = latest_checkpoint(path, verify=False)
     if meta_path is None:
         raise VoxseqError(f"{path}: no complete checkpoint in this run folder")
