@@ -17,6 +17,7 @@ from voxseq.sequence import (
     chunk_batches,
     collate_packed,
     label_counts,
+    lesion_in_window,
     organs_in_chunk,
     pack_lengths,
     packed_attention_mask,
@@ -136,6 +137,63 @@ def test_sentence_key_is_stable_and_normalised():
     assert k == sentence_key("  the LUNGS  are\nclear. ") and 0 <= k < 2**63
     assert k != sentence_key("The lungs are clear")
     assert k == int.from_bytes(__import__("hashlib").blake2b(b"the lungs are clear.", digest_size=8).digest(), "big") >> 1
+
+
+def test_sentence_key_masks_measurements():
+    assert sentence_key("The liver shows a 1.2 cm hypodense lesion.") == sentence_key("The liver shows a 25 cm hypodense lesion.")
+    assert sentence_key("The liver shows a 1,2 cm lesion.") == sentence_key("The liver shows a 3 cm lesion.")
+    assert sentence_key("The liver shows a 1.2 cm lesion.") != sentence_key("The liver shows a 1.2 mm lesion.")
+    assert sentence_key("The liver shows a lesion.") != sentence_key("The liver is unremarkable.")
+
+
+def test_lesion_in_window_needs_the_given_share_of_a_box():
+    boxes = [{"category": "liver", "bbox_zyx": [10, 0, 0, 14, 4, 4]}, {"category": "liver", "bbox_zyx": [30, 0, 0, 32, 4, 4]}]
+    assert lesion_in_window(boxes, "heart", [0, 0, 0], [4, 16, 16])  # no box of that organ: its sentence is true anywhere
+    assert not lesion_in_window(boxes, "liver", [0, 0, 0], [8, 16, 16])  # no lesion in z 0..8
+    assert lesion_in_window(boxes, "liver", [0, 0, 0], [12, 16, 16])  # half of the first box (z 10..12)
+    assert not lesion_in_window(boxes, "liver", [0, 0, 0], [11, 16, 16])  # a quarter of it
+    assert lesion_in_window(boxes, "liver", [0, 0, 0], [11, 16, 16], fraction=0.25)
+    assert lesion_in_window(boxes, "liver", [24, -4, -4], [16, 24, 24])  # the second box, whole (padded window)
+    assert not lesion_in_window(boxes, "liver", [0, 3, 0], [16, 16, 16])  # in z, but a quarter of it in y ...
+    assert lesion_in_window(boxes, "liver", [0, 2, 0], [16, 16, 16])  # ... half of it is enough at 0.5
+
+
+def test_an_organ_with_a_lesion_is_shown_only_by_chunks_holding_the_lesion():
+    src = organ_source(1)
+    src.entries[0]["sentences"]["liver"] = "The liver shows a 1.0 cm lesion."
+    src.entries[0]["boxes"] = [{"category": "liver", "bbox_zyx": [24, 0, 0, 28, 4, 4]}]  # liver is z 14..30
+    ds = ChunkTextDataset(src, cfg(min_slices=8, max_slices=8))
+    liver = [ds[i] for i in range(60) if "liver" in brute_force_organs(ds[i]["z0"], ds[i]["z1"])]
+    assert liver
+    for it in liver:
+        holds = min(28, it["z1"]) - max(24, it["z0"]) >= 2
+        assert ("liver" in it["organs"]) == holds, (it["z0"], it["z1"])
+        assert (sentence_key("The liver shows a 1.0 cm lesion.") in it["shown_keys"]) == holds
+    anywhere = ChunkTextDataset(src, cfg(min_slices=8, max_slices=8, lesion_fraction=0.0))  # localisation off
+    for i in range(60):
+        it = anywhere[i]
+        assert ("liver" in it["organs"]) == ("liver" in brute_force_organs(it["z0"], it["z1"]))
+
+
+def test_focused_groups_show_one_organ_with_findings_from_several_volumes():
+    src = organ_source(4)
+    for i in (1, 3):
+        src.entries[i]["sentences"]["heart"] = "The heart is enlarged."
+    ds = ChunkTextDataset(src, cfg(min_slices=8, max_slices=8, text_mode="one", focus_fraction=1.0, focus_group=6))
+    assert list(ds._with_organ) == ["heart"]  # the only organ whose sentence differs between volumes
+    group = [ds[i] for i in range(12, 18)]
+    assert all(ds.focus(i) == "heart" for i in range(12, 18))
+    assert all(it["organs"] == ["heart"] and it["text"].startswith("The heart is") for it in group)
+    assert all(it["z0"] < 8 and it["z1"] > 4 for it in group)  # the heart is in z 4..8
+    assert {it["text"] for it in group} == {"The heart is normal.", "The heart is enlarged."}
+    # half-focused: each group is focused or not as a whole, the same at every call
+    half = ChunkTextDataset(src, cfg(min_slices=8, max_slices=8, focus_fraction=0.5, focus_group=4))
+    focus = [half.focus(i) for i in range(400)]
+    assert all(len(set(focus[g:g + 4])) == 1 for g in range(0, 400, 4)) and focus == [half.focus(i) for i in range(400)]
+    assert 0.3 < np.mean([f is not None for f in focus]) < 0.7
+    assert ChunkTextDataset(src, cfg(min_slices=8, max_slices=8)).focus(0) is None  # off by default
+    with pytest.raises(VoxseqError, match="focus_fraction"):
+        cfg(focus_fraction=1.5)
 
 
 def test_sentence_key_agrees_with_the_loss():

@@ -8,6 +8,7 @@ from voxseq.sequence.chunks import (
     chunk_batches,
     collate_packed,
     label_counts,
+    lesion_in_window,
     organs_in_chunk,
     pack_lengths,
     packed_attention_mask,
@@ -33,6 +34,6 @@ from voxseq.sequence.samplers import (
 
 __all__ = ["KINDS", "ArraySource", "AugmentConfig", "ChunkBatchSampler", "ChunkConfig", "ChunkTextDataset",
            "ResumableSampler", "SequenceConfig", "SequenceDataset", "VolumeSource", "chunk_batches", "collate_packed",
-           "collate_sequences", "label_counts", "measure_sampler", "organs_in_chunk", "pack_lengths",
+           "collate_sequences", "label_counts", "lesion_in_window", "measure_sampler", "organs_in_chunk", "pack_lengths",
            "packed_attention_mask", "padding_waste", "patch_grid_coords", "patchify", "patchify_np", "read_window",
            "segment_mean", "sentence_key", "sentence_labels", "unpatchify", "volume_chunks"]

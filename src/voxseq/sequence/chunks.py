@@ -7,6 +7,16 @@ volume (a small organ seen whole) or when the organ fills at least ``chunk_fract
 organ seen in part: a thin slab through the liver is about the liver even if it holds 10% of it). Volumes
 with RadGenome region masks (``Cache.regions``) use region bits instead of labels, with a sentence's name
 equal to its region's name. Volumes without masks but with a report fall back to report-level pairing.
+A sentence that describes a lesion is local: when the record has lesion boxes of an organ's category, the
+organ counts as shown only by chunks holding at least ``lesion_fraction`` of one of them
+(:func:`lesion_in_window`). Sentence keys mask numbers (:func:`sentence_key`), so findings that differ only in
+their measurements are one positive class.
+
+Organ-focused groups. With ``focus_fraction`` > 0, that share of the groups of ``focus_group`` consecutive
+items (a training batch holds ``chunks_per_batch / focus_group`` groups) is drawn around one organ: every
+chunk of the group shows it and carries its sentence, from different volumes. Telling those chunks apart
+takes the findings ("the heart is enlarged" against "normal in size"), not the anatomy: hard negatives
+that a small batch of random chunks rarely holds.
 
 Variable size. Chunks have a free number of slices (``min_slices``..``max_slices``, multiples of the patch)
 and any in-plane size, so items have different token counts. Instead of padding every item to the longest,
@@ -21,6 +31,7 @@ not depend on DataLoader workers, and resuming at step ``s`` means starting at i
 from __future__ import annotations
 
 import hashlib
+import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -46,6 +57,9 @@ class ChunkConfig:
     crop_yx: list[int] | None = None  # in-plane crop; None = the whole slice padded up to a multiple of the patch
     organ_fraction: float = 0.3  # shown: the chunk holds >= this fraction of the organ's voxels ...
     chunk_fraction: float = 0.05  # ... or the organ fills >= this fraction of the chunk
+    lesion_fraction: float = 0.5  # an organ with lesion boxes is shown only by chunks holding this share of one
+    focus_fraction: float = 0.0  # share of groups of focus_group consecutive items that all show one organ ...
+    focus_group: int = 8  # ... and carry its sentence: hard negatives (same organ, other findings) in every batch
     max_sentences: int = 4  # at most this many organs' sentences per chunk (the ones filling most of it)
     text_mode: str = "all"  # "all": the organs' sentences in anatomical order; "one": one drawn from them
     pad_value: float = 0.0  # set it to the cache's out_range[0] (air) for CT
@@ -63,6 +77,12 @@ class ChunkConfig:
         for name in ("organ_fraction", "chunk_fraction"):
             if not 0 < getattr(self, name) <= 1:
                 raise VoxseqError(f"chunks.{name} must be in (0, 1], not {getattr(self, name)}")
+        if not 0 <= self.lesion_fraction <= 1:
+            raise VoxseqError(f"chunks.lesion_fraction must be in [0, 1], not {self.lesion_fraction}")
+        if not 0 <= self.focus_fraction <= 1:
+            raise VoxseqError(f"chunks.focus_fraction must be in [0, 1], not {self.focus_fraction}")
+        if self.focus_group < 1:
+            raise VoxseqError(f"chunks.focus_group must be at least 1, not {self.focus_group}")
         if self.max_sentences < 1:
             raise VoxseqError(f"chunks.max_sentences must be at least 1, not {self.max_sentences}")
         if self.text_mode not in TEXT_MODES:
@@ -72,13 +92,19 @@ class ChunkConfig:
 # ---------------------------------------------------------------------------- sentences and organs
 
 
+_NUMBER = re.compile(r"\d+(?:[.,]\d+)?")
+
+
 def sentence_key(text: str) -> int:
-    """A stable 63-bit id of a sentence (lower-cased, whitespace-normalised), equal in every process and run.
+    """A stable 63-bit id of a sentence (lower-cased, whitespace-normalised, numbers masked), equal in every
+    process and run.
 
     SigLIP marks a chunk and a text as a positive pair when they share a sentence; Python's ``hash`` is
-    salted per process, so ranks and workers would disagree.
+    salted per process, so ranks and workers would disagree. Numbers are masked so that measurements do
+    not make a finding unique: "a 1.2 cm hypodense lesion" and "a 2.5 cm hypodense lesion" are the same
+    finding, and two chunks showing it are positives of each other's sentence, not negatives.
     """
-    norm = " ".join(text.lower().split()).encode()
+    norm = _NUMBER.sub("#", " ".join(text.lower().split())).encode()
     return int.from_bytes(hashlib.blake2b(norm, digest_size=8).digest(), "big") >> 1
 
 
@@ -129,6 +155,24 @@ def organs_in_chunk(label_chunk: np.ndarray, label_counts_volume: np.ndarray, ma
             shown.append((inside, name))
     order = {name: k for k, name in enumerate(mapping)}
     return [name for _, name in sorted(shown, key=lambda t: (-t[0], order[t[1]]))]
+
+
+def lesion_in_window(boxes: list[dict], organ: str, start_zyx, size_zyx, fraction: float = 0.5) -> bool:
+    """Whether a window may carry ``organ``'s sentence given the volume's lesion boxes (cache grid, zyx).
+
+    An organ without boxes of its category always may. An organ with boxes has a sentence that describes its
+    lesion, which is true of a window only when the window holds at least ``fraction`` of one box's voxels:
+    a slab through the liver above its lesion does not show "a hypodense lesion".
+    """
+    own = [b["bbox_zyx"] for b in boxes if b.get("category") == organ]
+    if not own:
+        return True
+    for b in own:
+        lo, hi = np.asarray(b[:3]), np.asarray(b[3:])
+        inter = np.clip(np.minimum(hi, np.add(start_zyx, size_zyx)) - np.maximum(lo, start_zyx), 0, None)
+        if np.prod(inter) >= fraction * max(1, int(np.prod(hi - lo))):
+            return True
+    return False
 
 
 # ---------------------------------------------------------------------------- reading chunks
@@ -194,6 +238,7 @@ class ChunkTextDataset(torch.utils.data.Dataset):
             raise VoxseqError("no volume has a text (sentences or report) to pair chunks with")
         self.max_cached = max_cached
         self._counts: OrderedDict[int, np.ndarray] = OrderedDict()  # volume -> label_counts (small), LRU
+        self._with_organ = self._organ_index() if cfg.focus_fraction > 0 else {}
 
     def __len__(self) -> int:
         return self.length
@@ -224,25 +269,55 @@ class ChunkTextDataset(torch.utils.data.Dataset):
             self._counts.move_to_end(v)
         return counts
 
+    # -- organ-focused groups
+
+    def _organ_index(self) -> dict[str, list[int]]:
+        """Organ -> volumes whose masks can show it and that carry its sentence (from the entries only), for
+        organs whose sentence differs between volumes (a finding in some, not in others): only there do
+        chunks of one organ have something to tell apart."""
+        index: dict[str, list[int]] = {}
+        keys: dict[str, set[int]] = {}
+        for v in self.volumes:
+            entry = self.source.entry(v)
+            sentences = entry.get("sentences") or {}
+            names = entry.get("regions") or (sentence_labels(entry) if entry.get("has_label", True) else {})
+            for name in names:
+                if name in sentences:
+                    index.setdefault(name, []).append(v)
+                    keys.setdefault(name, set()).add(sentence_key(sentences[name]))
+        return {name: vols for name, vols in sorted(index.items()) if len(keys[name]) >= 2}
+
+    def focus(self, index: int) -> str | None:
+        """The organ that item ``index``'s group is focused on, or None: a pure function of (seed, group)."""
+        if not self._with_organ:
+            return None
+        rng = np.random.default_rng([self.cfg.seed, int(index) // self.cfg.focus_group, 7])
+        if rng.random() >= self.cfg.focus_fraction:
+            return None
+        names = list(self._with_organ)
+        return names[int(rng.integers(len(names)))]
+
     # -- sampling
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         cfg = self.cfg
         rng = np.random.default_rng([cfg.seed, int(index)])
-        v = self.volumes[int(rng.integers(len(self.volumes)))]
+        focus = self.focus(index)
+        candidates = self._with_organ[focus] if focus else self.volumes
+        v = candidates[int(rng.integers(len(candidates)))]
         image = self.source.image(v)  # (C, Z, Y, X)
         masks, mapping = self._masks(v)
         thickness = self._thickness(rng, image.shape[1])
         start_yx, size_yx = self._inplane(rng, image.shape[2:])
         organs: list[str] = []
-        for _ in range(_RETRIES if mapping else 1):
+        for _ in range(_RETRIES * (2 if focus else 1) if mapping else 1):
             z0 = int(rng.integers(0, image.shape[1] - thickness + 1)) if image.shape[1] >= thickness \
                 else -((thickness - image.shape[1]) // 2)
             if mapping:
                 organs = self._organs(v, masks, mapping, [z0, *start_yx], [thickness, *size_yx])
-                if organs:
+                if organs and (focus is None or focus in organs):
                     break
-        text, keys, organs, shown = self._text(rng, self.source.entry(v), organs)
+        text, keys, organs, shown = self._text(rng, self.source.entry(v), organs, focus)
         window, _ = read_window(image, [z0, *start_yx], [thickness, *size_yx], cfg.pad_value)
         tokens, pos, grid = _chunk_tokens(window, cfg.patch_size)
         return {"tokens": tokens, "pos": pos, "grid": grid, "text": text, "sentence_keys": keys,
@@ -270,15 +345,23 @@ class ChunkTextDataset(torch.utils.data.Dataset):
         hi = [min(n, s + k) for n, s, k in zip(masks.shape, start_zyx, size_zyx)]
         chunk = np.asarray(masks[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]])  # real voxels only
         cfg = self.cfg
-        return organs_in_chunk(chunk, self._volume_counts(v, masks), mapping, cfg.organ_fraction, cfg.chunk_fraction)
+        shown = organs_in_chunk(chunk, self._volume_counts(v, masks), mapping, cfg.organ_fraction, cfg.chunk_fraction)
+        boxes = self.source.entry(v).get("boxes") or []
+        if cfg.lesion_fraction <= 0 or not boxes:
+            return shown
+        return [o for o in shown if lesion_in_window(boxes, o, start_zyx, size_zyx, cfg.lesion_fraction)]
 
-    def _text(self, rng, entry: dict, organs: list[str]) -> tuple[str, list[int], list[str], list[int]]:
-        """(text, its sentence keys, its organs, keys of every shown organ's sentence)."""
+    def _text(self, rng, entry: dict, organs: list[str], focus: str | None = None
+              ) -> tuple[str, list[int], list[str], list[int]]:
+        """(text, its sentence keys, its organs, keys of every shown organ's sentence); ``focus``: the organ whose
+        sentence alone is the text when the chunk shows it."""
         sentences = entry.get("sentences") or {}
         if not organs:  # report-level pairing
             report = _report(entry)
             return report, [sentence_key(report)], [], [sentence_key(report)]
         shown = [sentence_key(sentences[o]) for o in organs]
+        if focus in organs:
+            return sentences[focus], [sentence_key(sentences[focus])], [focus], shown
         kept = organs[: self.cfg.max_sentences]  # the organs filling most of the chunk
         if self.cfg.text_mode == "one":
             kept = [kept[int(rng.integers(len(kept)))]]
