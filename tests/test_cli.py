@@ -125,9 +125,9 @@ def test_unreadable_file(tmp_path, samples):
 
 
 def test_phantoms_command_writes_a_manifest(tmp_path):
-    r = run("phantoms", "--out", tmp_path / "ph", "--n-ct", "1", "--n-mri", "1")
+    r = run("phantoms", "--out", tmp_path / "ph", "--n-ct", "1", "--n-mri", "1", "--size-xy", "40", "--max-slices", "30")
     assert r.returncode == 0, r.stderr
     lines = (tmp_path / "ph" / "manifest.jsonl").read_text().splitlines()
     assert [json.loads(x)["id"] for x in lines] == ["ct_000", "mri_000"]
-    info = run("info", "--json", tmp_path / "ph" / "ct_000_image.nii.gz")
-    assert json.loads(info.stdout)["dtype"] == "int16"
+    info = json.loads(run("info", "--json", tmp_path / "ph" / "ct_000_image.nii.gz").stdout)
+    assert info["dtype"] == "int16" and info["size_xyz"][:2] == [40, 40] and 24 <= info["size_xyz"][2] <= 30

@@ -116,11 +116,13 @@ def phantoms(
     n_ct: int = typer.Option(8, "--n-ct", help="Number of CT torso phantoms."),
     n_mri: int = typer.Option(4, "--n-mri", help="Number of 4-contrast brain MRI phantoms."),
     seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same phantoms)."),
+    size_xy: int = typer.Option(128, "--size-xy", min=16, help="In-plane voxels of the CT torsos (the field of view sets the spacing)."),
+    max_slices: int = typer.Option(160, "--max-slices", min=24, help="Most slices of a CT torso (its scan range sets the count)."),
 ) -> None:
     """Write deterministic synthetic CT torsos and multi-contrast brain MRIs with masks, lesions and text."""
     from voxseq.data.phantoms import write_phantoms
 
-    manifest = write_phantoms(out, n_ct=n_ct, n_mri=n_mri, seed=seed)
+    manifest = write_phantoms(out, n_ct=n_ct, n_mri=n_mri, seed=seed, size_xy=size_xy, max_slices=max_slices)
     typer.echo(f"wrote {n_ct} CT and {n_mri} MRI phantoms -> {manifest}")
 
 
