@@ -16,7 +16,12 @@ def init_distributed() -> tuple[int, int, int]:
         return 0, 1, 0
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
+        # torchrun's store outlives a worker group that --max-restarts restarts: without a per-attempt prefix the
+        # new workers read the old group's keys (the dead workers' addresses) and hang or fail to connect
+        store, rank_, world = next(dist.rendezvous("env://"))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(backend, store=dist.PrefixStore(f"voxseq/attempt_{attempt}", store),
+                                rank=rank_, world_size=world)
     local = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
