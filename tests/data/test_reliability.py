@@ -180,3 +180,46 @@ def test_prepare_survives_many_kills(tmp_path, many_phantoms, seed):
     print(f"kills: (finished volumes, temp files) at each kill {kills}")
     assert len(kills) >= 5, kills
     _assert_complete_and_intact(tmp_path / "cache", reference)
+
+
+def _descendants(pid: int, depth: int) -> list[int]:
+    """Processes ``depth`` generations below ``pid`` (through /proc)."""
+    level = [pid]
+    for _ in range(depth):
+        nxt = []
+        for p in level:
+            try:
+                nxt += [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
+            except OSError:
+                pass
+        level = nxt
+    return level
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the workers through /proc")
+def test_a_killed_prepare_worker_is_an_error_not_a_hang(tmp_path, phantoms, reference):
+    """The OOM killer takes one worker while the parent lives: `prepare` stops with one line naming the
+    volumes in flight (no hang), keeps the finished ones, and a re-run completes the cache."""
+    out = tmp_path / "cache"
+    proc = subprocess.Popen([*VOXSEQ, "prepare", str(phantoms), "--out", str(out), "-j", "2"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        t0, workers = time.monotonic(), []
+        while proc.poll() is None and time.monotonic() - t0 < 120:
+            workers = _descendants(proc.pid, 2)  # prepare -> forkserver -> workers
+            if len(workers) == 2 and (out / "preprocess.yaml").exists():
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None and workers, "prepare ended before a worker could be killed"
+        os.kill(workers[0], signal.SIGKILL)
+        _, err = proc.communicate(timeout=120)  # a hang fails here
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "a prepare worker died" in err and "ct_00" in err and "re-run to resume" in err
+    finished = len(list(out.glob("volumes/*/entry.json")))
+    r = _cli("prepare", phantoms, "--out", out, "-j", "2", "--verify")
+    assert r.returncode == 0, r.stderr
+    assert f"reused {finished}" in r.stdout
+    _assert_complete_and_intact(out, reference)

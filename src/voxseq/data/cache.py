@@ -376,7 +376,8 @@ def prepare_cache(records: Iterable[Record], out_dir: str | os.PathLike, cfg: Pr
         shutil.rmtree(out_dir / "volumes" / safe_id(rid), ignore_errors=True)
         summary.repaired.append(rid)
     with _progress(progress, len(todo), "prepare") as advance:
-        for rid, entry, error in _run(todo, cfg, out_dir, nonfinite, workers):
+        results = _run(todo, cfg, out_dir, nonfinite, workers)
+        for rid, entry, error in _with_index_on_failure(results, out_dir, records, finished, summary):
             if error is None:
                 finished[rid] = entry
                 summary.done += 1
@@ -392,16 +393,53 @@ def prepare_cache(records: Iterable[Record], out_dir: str | os.PathLike, cfg: Pr
     return summary
 
 
+def _with_index_on_failure(results: Iterator, out_dir: Path, records, finished, summary) -> Iterator:
+    """Pass the results through; when the workers fail, write the index of what is finished before raising."""
+    try:
+        yield from results
+    except WorkerDied:
+        _write_index(out_dir, records, finished, summary)
+        raise
+
+
+class WorkerDied(VoxseqError):
+    """A prepare worker process ended without a result (killed by the OS, out of memory, a crash in a reader)."""
+
+
 def _run(todo: list[Record], cfg: Preprocess, out_dir: Path, nonfinite: str, workers: int) -> Iterator:
     jobs = ((r, cfg, str(out_dir), nonfinite) for r in todo)
     if workers <= 1 or len(todo) <= 1:
         yield from map(_worker, jobs)
         return
     import multiprocessing as mp
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
 
-    ctx = mp.get_context("spawn" if os.environ.get("VOXSEQ_MP_SPAWN") else "fork")
-    with ctx.Pool(workers, maxtasksperchild=16) as pool:
-        yield from pool.imap_unordered(_worker, jobs, chunksize=1)
+    # forkserver workers start clean (no copy of the parent's threads) and are replaced every 16 volumes, so a
+    # reader that leaks cannot grow a worker for ever; a worker that dies breaks the pool, which is noticed
+    ctx = mp.get_context("spawn" if os.environ.get("VOXSEQ_MP_SPAWN") else "forkserver")
+    pending: dict = {}
+    jobs = iter(jobs)
+    with ProcessPoolExecutor(workers, mp_context=ctx, max_tasks_per_child=16) as pool:
+        def submit() -> None:  # keep 2 volumes per worker in flight: the parent never holds the whole to-do list
+            for job in jobs:
+                pending[pool.submit(_worker, job)] = job[0].id
+                if len(pending) >= 2 * workers:
+                    return
+
+        submit()
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                rid = pending.pop(future)
+                try:
+                    yield future.result()
+                except BrokenProcessPool:
+                    ids = sorted([rid, *pending.values()])
+                    raise WorkerDied(f"a prepare worker died without a result (killed by the OS? out of memory?) while "
+                                     f"preparing one of {', '.join(ids[:6])}{' ...' if len(ids) > 6 else ''}; the "
+                                     "finished volumes are kept: re-run to resume, -j 1 to find the volume") from None
+            submit()
 
 
 class _progress:
