@@ -124,7 +124,8 @@ def organ_classification(model: SigVLP, tokenizer, cache: Cache, meta: dict[str,
     """Zero-shot: which organs a chunk shows, from "The <organ>." prompts, against the organ masks."""
     from voxseq.eval.metrics import multilabel_report
 
-    cfg = from_dict(ChunkConfig, {**meta["config"]["chunks"], "text_mode": "all", "max_sentences": 64, "seed": 12345})
+    cfg = from_dict(ChunkConfig, {**meta["config"]["chunks"], "text_mode": "all", "max_sentences": 64, "seed": 12345,
+                                  "focus_fraction": 0.0})
     try:
         ds = ChunkTextDataset(cache, cfg)
     except VoxseqError:
