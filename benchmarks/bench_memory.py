@@ -8,7 +8,11 @@ subprocess per (cache, sampler) draws the same number of samples from
   * ``vlp``: ``ChunkTextDataset`` (SigVLP chunks of 32..64 slices paired with organ sentences, which
     reads each visited volume's label map once to count organ voxels),
 both over a :class:`voxseq.data.cache.Cache` (default ``max_open=64`` memory maps), and ``ar_open4``:
-the AR sampler over ``Cache(max_open=4)``. Reported per size and sampler: peak RSS (``VmHWM``), the
+the AR sampler over ``Cache(max_open=4)``; and training itself, ``ar_train`` / ``vlp_train``: `pretrain ar`
+(configs/ar_tiny.yaml, spatial sequences) and `pretrain vlp` (configs/vlp_tiny.yaml, 96 x 96 in-plane crops,
+8 chunks per step) for the same number of steps over each cache, RSS sampled every 0.1 s (also reported:
+the anonymous RSS of the first quarter of the run against the whole run's, i.e. growth over the steps).
+Reported per size and sampler: peak RSS (``VmHWM``), the
 largest anonymous RSS seen (``RssAnon``: private memory, what cannot be given back without freeing
 it) and the file-backed RSS at the end (``RssFile``: memory-mapped cache pages, clean page cache that
 the kernel may take back at any time), and the growth ratio largest / smallest cache of each. The
@@ -116,6 +120,51 @@ def worker(cache_dir: str, sampler: str, n: int) -> dict:
             "peak_rss_mb": end["VmHWM"], "anon_max_mb": max(anon_max, end["RssAnon"]), "file_end_mb": end["RssFile"]}
 
 
+def train_worker(cache_dir: str, kind: str, steps: int) -> dict:
+    """RSS of `pretrain ar|vlp` (the tiny configs) training ``steps`` steps over the cache, sampled every 0.1 s."""
+    import tempfile
+    import threading
+
+    overrides = [f"data.cache={cache_dir}", "data.phantoms.n_ct=0", "data.phantoms.n_mri=0", "data.samples=false",
+                 f"max_steps={steps}", f"checkpoint_every={steps}", "log_every=1000000"]
+    if kind == "ar_train":
+        from voxseq.tasks.pretrain_ar import load_ar_config as load, run_pretrain_ar as run
+
+        config = ROOT / "configs" / "ar_tiny.yaml"
+        overrides += ["sequence.kind_weights={spatial: 1.0}"]
+    else:
+        from voxseq.tasks.pretrain_vlp import load_vlp_config as load, run_pretrain_vlp as run
+
+        config = ROOT / "configs" / "vlp_tiny.yaml"
+        overrides += ["chunks.crop_yx=[96,96]", "chunks.pad_value=0.0", "chunks_per_batch=8"]
+    cfg = load(config, overrides)
+    trace: list[tuple[float, float]] = []  # (seconds, RssAnon MB)
+    stop = threading.Event()
+
+    def watch() -> None:
+        t0 = time.perf_counter()
+        while not stop.is_set():
+            trace.append((time.perf_counter() - t0, _status_mb()["RssAnon"]))
+            stop.wait(0.1)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    with tempfile.TemporaryDirectory(prefix="bench_memory_run_") as run_dir:
+        start = _status_mb()
+        thread.start()
+        t = time.perf_counter()
+        run(cfg, Path(run_dir) / "run", progress=False)
+        seconds = time.perf_counter() - t
+        stop.set()
+        thread.join()
+    end = _status_mb()
+    quarter = [a for s, a in trace if s <= trace[-1][0] / 4] or [trace[0][1]]
+    from voxseq.data.cache import Cache
+
+    return {"volumes": len(Cache(cache_dir)), "samples_per_s": steps / seconds, "rss_start_mb": start["VmRSS"],
+            "peak_rss_mb": end["VmHWM"], "anon_max_mb": max(a for _, a in trace), "file_end_mb": end["RssFile"],
+            "anon_first_quarter_max_mb": max(quarter), "steps": steps}
+
+
 def measure(cache_dir: Path, sampler: str, n: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", json.dumps([str(cache_dir), sampler, n])]
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
@@ -129,15 +178,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="caches of 0.1, 0.4, 1.6 GB and fewer samples")
     ap.add_argument("--samples", type=int, default=None, help="samples per measurement (default 300; --quick 150)")
+    ap.add_argument("--steps", type=int, default=None, help="training steps per measurement (default 60; --quick 20)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(*json.loads(args.worker))))
+        cache_dir, sampler, n = json.loads(args.worker)
+        print(json.dumps((train_worker if sampler.endswith("_train") else worker)(cache_dir, sampler, n)))
         return
 
     sizes = [0.1, 0.4, 1.6] if args.quick else [0.25, 1.0, 4.0]
     n = args.samples or (150 if args.quick else 300)
-    results: dict[str, dict[str, dict]] = {"ar": {}, "vlp": {}, "ar_open4": {}}
+    steps = args.steps or (20 if args.quick else 60)
+    results: dict[str, dict[str, dict]] = {"ar": {}, "vlp": {}, "ar_open4": {}, "ar_train": {}, "vlp_train": {}}
     with tempfile.TemporaryDirectory(prefix="bench_memory_") as tmp:
         for gb in sizes:
             folder = Path(tmp) / f"cache_{gb:g}gb"
@@ -145,9 +197,10 @@ def main() -> None:
             volumes = write_cache(folder, gb)
             print(f"cache {gb:g} GB: {volumes} volumes written in {time.perf_counter() - t:.1f} s", flush=True)
             for sampler in results:
-                m = measure(folder, sampler, n)
+                count = steps if sampler.endswith("_train") else n
+                m = measure(folder, sampler, count)
                 results[sampler][f"{gb:g}"] = m
-                print(f"  {sampler}: {n} samples, peak RSS {m['peak_rss_mb']:.0f} MB (anonymous max {m['anon_max_mb']:.0f} MB, "
+                print(f"  {sampler}: {count} {'steps' if sampler.endswith('_train') else 'samples'}, peak RSS {m['peak_rss_mb']:.0f} MB (anonymous max {m['anon_max_mb']:.0f} MB, "
                       f"mapped cache pages at the end {m['file_end_mb']:.0f} MB), {m['samples_per_s']:.1f} samples/s", flush=True)
             import shutil
 
@@ -158,6 +211,9 @@ def main() -> None:
     print(json.dumps({
         "cache_gb": sizes,
         "samples": n,
+        "train_steps": steps,
+        "train_anon_growth_over_run": {s: {k: round(v["anon_max_mb"] / v["anon_first_quarter_max_mb"], 3) for k, v in results[s].items()}
+                                       for s in ("ar_train", "vlp_train")},
         "rss_mb": {s: {k: round(v["peak_rss_mb"], 1) for k, v in r.items()} for s, r in results.items()},
         "rss_anon_mb": {s: {k: round(v["anon_max_mb"], 1) for k, v in r.items()} for s, r in results.items()},
         "rss_file_mb": {s: {k: round(v["file_end_mb"], 1) for k, v in r.items()} for s, r in results.items()},
@@ -167,7 +223,9 @@ def main() -> None:
         "rss_anon_growth_ratio": max(anon_growth.values()),
         "rss_anon_growth_ratio_per_sampler": anon_growth,
         "mapped_bound_mb": {"ar": round(64 * np.prod(SHAPE_CZYX) * 2 / 2**20), "vlp": round(64 * np.prod(SHAPE_CZYX) * 3 / 2**20),
-                            "ar_open4": round(4 * np.prod(SHAPE_CZYX) * 2 / 2**20)},
+                            "ar_open4": round(4 * np.prod(SHAPE_CZYX) * 2 / 2**20),
+                            "ar_train": round(64 * np.prod(SHAPE_CZYX) * 2 / 2**20),
+                            "vlp_train": round(64 * np.prod(SHAPE_CZYX) * 3 / 2**20)},
         "quick": args.quick,
     }))
 

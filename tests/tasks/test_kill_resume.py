@@ -179,7 +179,7 @@ def test_torchrun_restarts_after_a_killed_worker(tmp_path, request, kind, rendez
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     log = out.decode(errors="replace")
-    (tmp_path / "torchrun.log").write_text(log)
+    (tmp_path / "torchrun.log").write_text(log, encoding="utf-8")
     assert proc.returncode == 0, f"{tmp_path / 'torchrun.log'}: {log[-3000:]}"
     assert "SIGKILL" in log or "Signals.SIGKILL" in log or "exitcode: -9" in log, log[-3000:]
     assert killed_at < max_steps - 1
