@@ -34,8 +34,10 @@ def test_demo_quick_end_to_end(tmp_path):
     assert set(zs["auc"]) == {"lung nodule", "pleural effusion", "cardiomegaly", "liver lesion", "kidney cyst",
                               "bone lesion"}
     assert zs["mean_auc"] is None or 0.0 <= zs["mean_auc"] <= 1.0
-    assert 0.0 <= zs["organ_top1"] <= 1.0 and 0.0 < zs["organ_chance"] < 1.0  # --quick's 20 SigVLP steps are too
-    # few for organ prompts to beat chance reliably: test_full_demo_beats_chance checks that, with -m slow
+    assert 0.0 <= zs["organ_top1"] <= 1.0 and 0.0 < zs["organ_chance"] < 1.0
+    # above chance: each organ prompt ranks the 200 held-out chunks that show its organ first (0.68 measured with
+    # --quick's 50 SigVLP steps; top-1 across prompts needs the full demo's longer run, test_full_demo_beats_chance)
+    assert zs["organ_mean_auc"] > 0.6
 
     rt = m["retrieval"]
     for d in ("volume_to_report", "report_to_volume"):
@@ -78,4 +80,4 @@ def test_full_demo_beats_chance(tmp_path):
     assert main(["demo", "--out", str(out)]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["pretrain"]["loss_drop"] > 0.3 and m["vlp"]["loss_end"] < m["vlp"]["loss_start"]
-    assert m["zero_shot"]["organ_top1"] > m["zero_shot"]["organ_chance"]
+    assert m["zero_shot"]["organ_top1"] > m["zero_shot"]["organ_chance"] and m["zero_shot"]["organ_mean_auc"] > 0.6
