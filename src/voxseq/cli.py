@@ -259,7 +259,8 @@ def evaluate_zero_shot(
     typer.echo(f"mean AUROC {r['mean_auc']:.3f} over {r['n_volumes']} volumes")
     if "organ_classification" in r:
         o = r["organ_classification"]
-        typer.echo(f"organ classification: top-1 {o['top1_accuracy']:.3f} (chance {o['top1_chance']:.3f}), "
+        typer.echo(f"organ classification: top-1 {o['top1_accuracy']:.3f} (chance {o['top1_chance']:.3f}, "
+                   f"always the most frequent organ {o['top1_majority']:.3f}), "
                    f"mean AUROC {o['mean_auc']:.3f}")
     typer.echo(f"-> {out / 'zero_shot.md'}")
 

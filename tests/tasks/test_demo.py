@@ -34,9 +34,9 @@ def test_demo_quick_end_to_end(tmp_path):
     assert set(zs["auc"]) == {"lung nodule", "pleural effusion", "cardiomegaly", "liver lesion", "kidney cyst",
                               "bone lesion"}
     assert zs["mean_auc"] is None or 0.0 <= zs["mean_auc"] <= 1.0
-    assert 0.0 <= zs["organ_top1"] <= 1.0 and 0.0 < zs["organ_chance"] < 1.0
+    assert 0.0 <= zs["organ_top1"] <= 1.0 and 0.0 < zs["organ_chance"] <= zs["organ_majority"] < 1.0
     # above chance: each organ prompt ranks the 200 held-out chunks that show its organ first (0.68 measured with
-    # --quick's 50 SigVLP steps; top-1 across prompts needs the full demo's longer run, test_full_demo_beats_chance)
+    # --quick's 50 SigVLP steps; top-1 across prompts needs the full demo's longer run, test_full_demo_runs_and_learns)
     assert zs["organ_mean_auc"] > 0.6
 
     rt = m["retrieval"]
@@ -73,11 +73,11 @@ def test_demo_quick_end_to_end(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(5400)
-def test_full_demo_beats_chance(tmp_path):
-    """The full demo (about 15 minutes on 2 idle cores): organ prompts pick organs the chunks show more
-    often than chance, and pretraining lowers both losses."""
+def test_full_demo_runs_and_learns(tmp_path):
+    """The full demo (about 10 minutes on 2 idle cores): pretraining lowers both losses. Its 60 SigVLP steps
+    give organ top-1 0.765, exactly the share of chunks showing the most frequent organ (as if the aorta prompt won
+    every chunk), and mean organ AUROC 0.537: no organ skill is asserted here; --quick's test asserts the AUROC."""
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out)]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["pretrain"]["loss_drop"] > 0.3 and m["vlp"]["loss_end"] < m["vlp"]["loss_start"]
-    assert m["zero_shot"]["organ_top1"] > m["zero_shot"]["organ_chance"]  # 0.765 vs 0.508 measured
