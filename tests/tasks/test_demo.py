@@ -36,7 +36,7 @@ def test_demo_quick_end_to_end(tmp_path):
     assert zs["mean_auc"] is None or 0.0 <= zs["mean_auc"] <= 1.0
     assert 0.0 <= zs["organ_top1"] <= 1.0 and 0.0 < zs["organ_chance"] <= zs["organ_majority"] < 1.0
     # above chance: each organ prompt ranks the 200 held-out chunks that show its organ first (0.68 measured with
-    # --quick's 50 SigVLP steps; top-1 across prompts needs the full demo's longer run, test_full_demo_runs_and_learns)
+    # --quick's 50 SigVLP steps); top-1 across prompts is not above the most-frequent-organ baseline at this size
     assert zs["organ_mean_auc"] > 0.6
 
     rt = m["retrieval"]
