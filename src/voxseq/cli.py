@@ -245,7 +245,8 @@ def evaluate_zero_shot(
                                            "(default: '<Label> is present.' / '<Label> is not present.')."),
     labels: Optional[str] = typer.Option(None, "--labels", help="Comma-separated labels (default: all in the prompts/data)."),
     aggregate: str = typer.Option("volume", "--aggregate", help="volume: one embedding per whole volume; chunks: "
-                                  "the highest score over z-chunks."),
+                                  "the highest score over z-chunks (and over in-plane tiles of the training crop when the model "
+                                  "trained on chunks.crop_yx crops)."),
     chunk_slices: int = typer.Option(32, "--chunk-slices", help="Chunk thickness with --aggregate chunks."),
     split: Optional[str] = typer.Option(None, "--split", help="Only this split of the data."),
 ) -> None:

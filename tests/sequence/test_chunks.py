@@ -196,6 +196,35 @@ def test_focused_groups_show_one_organ_with_findings_from_several_volumes():
         cfg(focus_fraction=1.5)
 
 
+def test_organ_centred_crops_hold_their_organ_or_its_lesion():
+    src = organ_source(2)
+    src.entries[1]["sentences"]["liver"] = "The liver shows a 1.0 cm lesion."
+    src.entries[1]["boxes"] = [{"category": "liver", "bbox_zyx": [20, 0, 1, 24, 3, 4]}]  # inside the liver
+    ds = ChunkTextDataset(src, cfg(min_slices=8, max_slices=8, crop_yx=[8, 8], crop_center="organ", text_mode="one"))
+    items = [ds[i] for i in range(200)]
+    assert {it["tokens"].shape[0] for it in items} == {8}  # 2 x 2 x 2 tokens: an 8^3 window
+    assert np.mean([bool(it["organs"]) for it in items]) > 0.9
+    texts = {it["text"] for it in items}
+    assert {SENTENCES["lung"], SENTENCES["heart"], SENTENCES["liver"], "The liver shows a 1.0 cm lesion."} <= texts
+    assert SENTENCES["spleen"] not in texts  # the volumes have no spleen voxels to centre on
+    lesion_windows = 0
+    for it in items:
+        lo, hi = np.array([it["z0"], it["y0"], it["x0"]]), np.array([it["z1"], it["y0"] + 8, it["x0"] + 8])
+        if it["text"] == "The liver shows a 1.0 cm lesion.":  # a lesion-bearing organ: the window holds the box
+            assert (lo <= [20, 0, 1]).all() and (hi >= [24, 3, 4]).all(), (lo, hi)
+            lesion_windows += 1
+        elif it["text"] == SENTENCES["liver"]:  # centred near a voxel of the liver (z 14..30, y, x 0..4)
+            assert lo[0] < 30 and hi[0] > 14 and lo[1] < 4 and lo[2] < 4
+        if (lo >= 0).all() and (hi <= [32, 16, 16]).all():  # tokens come from the reported window
+            assert it["tokens"][0, 0] == it["z0"] * 10000 + it["y0"] * 100 + it["x0"]
+    assert lesion_windows >= 5
+    assert [ds[i]["text"] for i in range(20)] == [it["text"] for it in items[:20]]  # a pure function of (seed, i)
+    with pytest.raises(VoxseqError, match="crop_center"):
+        cfg(crop_center="organ")  # needs crop_yx
+    with pytest.raises(VoxseqError, match="crop_center"):
+        cfg(crop_yx=[8, 8], crop_center="middle")
+
+
 def test_sentence_key_agrees_with_the_loss():
     siglip = pytest.importorskip("voxseq.objectives.siglip")
     for text in ("The lungs are clear.", "  Normal HEART size. ", "Whole report."):
@@ -319,6 +348,24 @@ def test_volume_chunks_cover_a_volume_of_any_size():
     assert first[5] == 8 * 10000 and first[0] == 0
     with pytest.raises(VoxseqError, match="multiple of the patch"):
         volume_chunks(vol, P, chunk_slices=6)
+
+
+def test_volume_chunks_tile_in_plane_like_training_crops():
+    vol = coord_volume((13, 10, 9))
+    tiles = volume_chunks(vol, P, chunk_slices=8, tile_yx=[8, 8])
+    # y: 10 voxels -> windows at 0 and 2; x: 9 -> 0 and 1 (the last window ends at the edge); two slabs
+    assert [(c["z0"], c["y0"], c["x0"]) for c in tiles] == [(z, y, x) for z in (0, 8) for y in (0, 2) for x in (0, 1)]
+    assert all(c["grid"] == (2, 2, 2) and c["tokens"].shape == (8, P**3) for c in tiles)
+    for c in tiles:  # the first voxel of each tile's first token is the volume's voxel at the tile's corner
+        assert c["tokens"][0, 0] == c["z0"] * 10000 + c["y0"] * 100 + c["x0"]
+    covered = np.zeros((10, 9), bool)
+    for c in tiles[:4]:
+        covered[c["y0"]:c["y0"] + 8, c["x0"]:c["x0"] + 8] = True
+    assert covered.all()
+    big = volume_chunks(vol, P, tile_yx=[12, 12])  # a tile larger than the slice: one centred window
+    assert len(big) == 1 and (big[0]["y0"], big[0]["x0"]) == (-1, -1)
+    with pytest.raises(VoxseqError, match="tile_yx"):
+        volume_chunks(vol, P, tile_yx=[6, 8])
 
 
 # ---------------------------------------------------------------------------- packing

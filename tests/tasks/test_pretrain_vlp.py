@@ -39,6 +39,41 @@ def text_model(tmp_path_factory) -> Path:
     return folder
 
 
+def test_frozen_text_tower_has_no_dropout_and_computes_each_sentence_once(text_model):
+    import torch
+
+    from voxseq.models.vit3d import ViTConfig
+    from voxseq.models.vlp import SigVLP, VLPModelConfig, load_tokenizer
+    from voxseq.tasks.pretrain_vlp import tokenize
+
+    torch.manual_seed(0)
+    vision = ViTConfig(patch_size=4, embed_dim=16, depth=1, num_heads=2, pos_embed="rope3d")
+    model = SigVLP(VLPModelConfig(vision=vision, text_model=str(text_model), embed_dim=8, freeze_text=True))
+    for m in model.text.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.5  # would make the features differ from the eval-mode ones below if it were active
+    model.train()
+    assert model.training and not model.text.training
+    texts = ["The liver is unremarkable.", "The heart is enlarged.", "The liver is unremarkable."]
+    t = tokenize(load_tokenizer(str(text_model)), texts, 32)
+    calls = []
+    model.text.register_forward_hook(lambda _m, args, _out: calls.append(args[0].shape[0]))
+    a = model.encode_text(t["input_ids"], t["attention_mask"])
+    b = model.encode_text(t["input_ids"], t["attention_mask"])
+    assert calls == [2]  # two distinct sentences, computed once; the second call comes from the cache
+    assert torch.equal(a, b) and torch.equal(a[0], a[2])
+    with torch.no_grad():
+        direct = torch.nn.functional.normalize(model.text_proj(model.text(t["input_ids"], t["attention_mask"])), dim=-1)
+    assert torch.allclose(a, direct, atol=1e-6)
+    a.sum().backward()  # the projection learns, the tower does not
+    assert model.text_proj.weight.grad is not None and all(p.grad is None for p in model.text.parameters())
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["text.model.embeddings.word_embeddings.weight"] += 1.0
+    model.load_state_dict(state)  # new text weights: the kept features are dropped
+    c = model.encode_text(t["input_ids"], t["attention_mask"])
+    assert calls == [2, 3, 2] and not torch.allclose(c, a)
+
+
 def tiny(text_model: Path) -> list[str]:
     return ["model.vision.depth=2", "model.vision.embed_dim=32", "model.vision.num_heads=2", "model.embed_dim=32",
             f"model.text_model={text_model}", "model.freeze_text=false", "model.text_max_length=32",

@@ -159,6 +159,9 @@ class SegmentPool(nn.Module):
 # ---------------------------------------------------------------------------- the model
 
 
+TEXT_CACHE_SIZE = 65536  # sentences whose frozen text features are kept (a few hundred MB at width 768)
+
+
 class SigVLP(nn.Module):
     """Vision tower (``encoder``: rotary ViT3D + pool + projection) and text tower (+ projection).
 
@@ -176,8 +179,19 @@ class SigVLP(nn.Module):
         self.text_proj = nn.Linear(self.text.width, cfg.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(SIGLIP_INIT_LOGIT_SCALE))
         self.logit_bias = nn.Parameter(torch.tensor(SIGLIP_INIT_LOGIT_BIAS))
+        self._text_cache: dict[tuple[int, ...], torch.Tensor] = {}
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._text_cache.clear())
         if cfg.freeze_text:
             self.text.requires_grad_(False)
+            self.text.eval()
+
+    def train(self, mode: bool = True) -> "SigVLP":
+        """A frozen text tower stays in eval mode: its dropout would blur sentences that differ in a word or two
+        ("shows a lesion" / "is unremarkable") as much as the words themselves do."""
+        super().train(mode)
+        if self.cfg.freeze_text:
+            self.text.eval()
+        return self
 
     def no_weight_decay(self) -> set[str]:
         return {"logit_scale", "logit_bias", "pool.query"}
@@ -195,7 +209,26 @@ class SigVLP(nn.Module):
         return F.normalize(self.vision_proj(self.pool(feats, segments_of(token_mask), feats.shape[0])), dim=-1)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.text_proj(self.text(input_ids, attention_mask)), dim=-1)
+        feats = self._frozen_text(input_ids, attention_mask) if self.cfg.freeze_text else self.text(input_ids, attention_mask)
+        return F.normalize(self.text_proj(feats), dim=-1)
+
+    @torch.no_grad()
+    def _frozen_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The fixed text tower's features, each distinct sentence computed once and then kept (a corpus of
+        organ sentences repeats them all the time); at most ``TEXT_CACHE_SIZE`` kept, the oldest dropped."""
+        keys = [tuple(ids[m.bool()].tolist()) for ids, m in zip(input_ids, attention_mask)]
+        first: dict[tuple[int, ...], int] = {}
+        for i, k in enumerate(keys):
+            if k not in self._text_cache:
+                first.setdefault(k, i)
+        todo = list(first.values())  # one row per sentence not seen yet
+        if todo:
+            new = self.text(input_ids[todo], attention_mask[todo])
+            for i, f in zip(todo, new):
+                self._text_cache[keys[i]] = f
+            while len(self._text_cache) > TEXT_CACHE_SIZE:
+                self._text_cache.pop(next(iter(self._text_cache)))
+        return torch.stack([self._text_cache[k] for k in keys]).to(input_ids.device)
 
     def forward(self, tokens, pos, segment, n: int, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
         """One call for both towers (DDP needs gradients to come from a single forward)."""

@@ -18,6 +18,11 @@ chunk of the group shows it and carries its sentence, from different volumes. Te
 takes the findings ("the heart is enlarged" against "normal in size"), not the anatomy: hard negatives
 that a small batch of random chunks rarely holds.
 
+Organ-centred crops. With an in-plane ``crop_yx`` and ``crop_center: organ``, each window is placed around a
+voxel of one organ drawn from those with a sentence, or, when the volume has lesion boxes of that organ, so
+that it holds one of them whole at a uniformly random place in the window. Small crops keep a lesion from
+drowning in a whole slice's tokens, and a training step of short chunks is cheap.
+
 Variable size. Chunks have a free number of slices (``min_slices``..``max_slices``, multiples of the patch)
 and any in-plane size, so items have different token counts. Instead of padding every item to the longest,
 :func:`collate_packed` packs several chunks into one row (first-fit decreasing) and attention is kept inside
@@ -44,6 +49,7 @@ from voxseq.sequence.patches import patch_grid_coords, patchify
 from voxseq.sequence.samplers import VolumeSource, read_window
 
 TEXT_MODES = ("all", "one")
+CROP_CENTERS = ("random", "organ")
 _RETRIES = 8  # redraws of a chunk's z range before a volume with masks falls back to its report
 
 
@@ -55,6 +61,7 @@ class ChunkConfig:
     min_slices: int = 32  # chunk thickness along z: a multiple of patch_size drawn in [min, max]
     max_slices: int = 128
     crop_yx: list[int] | None = None  # in-plane crop; None = the whole slice padded up to a multiple of the patch
+    crop_center: str = "random"  # "random" crops, or "organ": around an organ (its lesion when it has one)
     organ_fraction: float = 0.3  # shown: the chunk holds >= this fraction of the organ's voxels ...
     chunk_fraction: float = 0.05  # ... or the organ fills >= this fraction of the chunk
     lesion_fraction: float = 0.5  # an organ with lesion boxes is shown only by chunks holding this share of one
@@ -85,6 +92,10 @@ class ChunkConfig:
             raise VoxseqError(f"chunks.focus_group must be at least 1, not {self.focus_group}")
         if self.max_sentences < 1:
             raise VoxseqError(f"chunks.max_sentences must be at least 1, not {self.max_sentences}")
+        if self.crop_center not in CROP_CENTERS:
+            raise VoxseqError(f"chunks.crop_center must be one of {CROP_CENTERS}, not {self.crop_center!r}")
+        if self.crop_center == "organ" and self.crop_yx is None:
+            raise VoxseqError("chunks.crop_center: organ needs chunks.crop_yx (an in-plane crop to centre)")
         if self.text_mode not in TEXT_MODES:
             raise VoxseqError(f"chunks.text_mode must be one of {TEXT_MODES}, not {self.text_mode!r}")
 
@@ -190,14 +201,24 @@ def _chunk_tokens(window: np.ndarray, p: int) -> tuple[torch.Tensor, torch.Tenso
     return patchify(x, p)[0], pos, grid  # type: ignore[return-value]
 
 
+def _tile_starts(n: int, k: int) -> list[int]:
+    """Starts of windows of ``k`` covering ``n`` voxels with half-window overlap (one centred window if n <= k)."""
+    if n <= k:
+        return [-((k - n) // 2)]
+    starts = list(range(0, n - k + 1, max(1, k // 2)))
+    return starts if starts[-1] + k >= n else starts + [n - k]
+
+
 def volume_chunks(image: np.ndarray, patch_size: int = 16, chunk_slices: int | None = None,
-                  pad_value: float = 0.0) -> list[dict[str, Any]]:
+                  pad_value: float = 0.0, tile_yx: list[int] | None = None) -> list[dict[str, Any]]:
     """A whole (C, Z, Y, X) volume of any size as consecutive z-chunks of tokens, for inference.
 
     Each axis is padded (centred in-plane, at the end along z) up to a multiple of the patch; ``chunk_slices``
     (a multiple of the patch) cuts the volume into slabs, None keeps it one chunk. Each chunk: ``tokens``
     (L, C*p^3), ``pos`` (L, 3) with z counted from the chunk's first slice (as in training), ``grid``,
-    ``z0``, ``z1`` (its slices in the volume, z1 may pass the end where padded).
+    ``z0``, ``z1`` (its slices in the volume, z1 may pass the end where padded). ``tile_yx`` (multiples of the
+    patch) also cuts each slab in-plane into windows of that size overlapping by half (as a model trained on
+    ``crop_yx`` crops saw them); each chunk then has ``y0``, ``x0`` too.
     """
     p = patch_size
     if image.ndim == 3:
@@ -205,15 +226,25 @@ def volume_chunks(image: np.ndarray, patch_size: int = 16, chunk_slices: int | N
     _, nz, ny, nx = image.shape
     if chunk_slices is not None and (chunk_slices <= 0 or chunk_slices % p):
         raise VoxseqError(f"chunk_slices {chunk_slices} must be a positive multiple of the patch size {p}")
-    size_yx = [_round_up(ny, p), _round_up(nx, p)]
-    start_yx = [-((s - n) // 2) for s, n in zip(size_yx, (ny, nx))]
+    if tile_yx is not None and (len(tile_yx) != 2 or any(k <= 0 or k % p for k in tile_yx)):
+        raise VoxseqError(f"tile_yx {tile_yx} must be two positive multiples of the patch size {p}")
+    if tile_yx is None:
+        size_yx = [_round_up(ny, p), _round_up(nx, p)]
+        starts = [[-((s - n) // 2) for s, n in zip(size_yx, (ny, nx))]]
+    else:
+        size_yx = list(tile_yx)
+        starts = [[y0, x0] for y0 in _tile_starts(ny, size_yx[0]) for x0 in _tile_starts(nx, size_yx[1])]
     step = chunk_slices or _round_up(nz, p)
     chunks = []
     for z0 in range(0, nz, step):
         t = min(step, _round_up(nz - z0, p))
-        window, _ = read_window(image, [z0, *start_yx], [t, *size_yx], pad_value)
-        tokens, pos, grid = _chunk_tokens(window, p)
-        chunks.append({"tokens": tokens, "pos": pos, "grid": grid, "z0": z0, "z1": z0 + t})
+        for start_yx in starts:
+            window, _ = read_window(image, [z0, *start_yx], [t, *size_yx], pad_value)
+            tokens, pos, grid = _chunk_tokens(window, p)
+            chunk = {"tokens": tokens, "pos": pos, "grid": grid, "z0": z0, "z1": z0 + t}
+            if tile_yx is not None:
+                chunk["y0"], chunk["x0"] = start_yx
+            chunks.append(chunk)
     return chunks
 
 
@@ -228,7 +259,8 @@ class ChunkTextDataset(torch.utils.data.Dataset):
     :func:`sentence_key` of each sentence in ``text`` (the report's for report-level pairs); ``shown_keys``
     the keys of all sentences of the organs shown (before ``max_sentences`` and ``text_mode``: what the
     chunk is a positive for); ``organs`` the organs in ``text``; ``volume_index``; ``z0``, ``z1`` the
-    chunk's slices in the volume (the range may pass the volume's ends where it is padded).
+    chunk's slices in the volume (the range may pass the volume's ends where it is padded); ``y0``, ``x0`` the
+    in-plane window's first voxel (negative where it is padded).
     """
 
     def __init__(self, source: VolumeSource, cfg: ChunkConfig, length: int = 10**9, max_cached: int = 4096):
@@ -238,6 +270,7 @@ class ChunkTextDataset(torch.utils.data.Dataset):
             raise VoxseqError("no volume has a text (sentences or report) to pair chunks with")
         self.max_cached = max_cached
         self._counts: OrderedDict[int, np.ndarray] = OrderedDict()  # volume -> label_counts (small), LRU
+        self._points: OrderedDict[tuple[int, str], np.ndarray] = OrderedDict()  # (volume, organ) -> voxels, LRU
         self._with_organ = self._organ_index() if cfg.focus_fraction > 0 else {}
 
     def __len__(self) -> int:
@@ -310,7 +343,11 @@ class ChunkTextDataset(torch.utils.data.Dataset):
         thickness = self._thickness(rng, image.shape[1])
         start_yx, size_yx = self._inplane(rng, image.shape[2:])
         organs: list[str] = []
-        for _ in range(_RETRIES * (2 if focus else 1) if mapping else 1):
+        if cfg.crop_center == "organ" and mapping:
+            z0, start_yx, centred = self._organ_window(rng, v, masks, mapping, [thickness, *size_yx], focus)
+            organs = self._organs(v, masks, mapping, [z0, *start_yx], [thickness, *size_yx])
+            focus = focus or centred  # the text is the centred organ's sentence when the window shows it
+        for _ in range(0 if organs else _RETRIES * (2 if focus else 1) if mapping else 1):
             z0 = int(rng.integers(0, image.shape[1] - thickness + 1)) if image.shape[1] >= thickness \
                 else -((thickness - image.shape[1]) // 2)
             if mapping:
@@ -321,7 +358,8 @@ class ChunkTextDataset(torch.utils.data.Dataset):
         window, _ = read_window(image, [z0, *start_yx], [thickness, *size_yx], cfg.pad_value)
         tokens, pos, grid = _chunk_tokens(window, cfg.patch_size)
         return {"tokens": tokens, "pos": pos, "grid": grid, "text": text, "sentence_keys": keys,
-                "shown_keys": shown, "organs": organs, "volume_index": v, "z0": z0, "z1": z0 + thickness}
+                "shown_keys": shown, "organs": organs, "volume_index": v, "z0": z0, "z1": z0 + thickness,
+                "y0": start_yx[0], "x0": start_yx[1]}
 
     def _thickness(self, rng, nz: int) -> int:
         """A multiple of the patch in [min_slices, max_slices] that fits the volume; a volume thinner than
@@ -339,6 +377,47 @@ class ChunkTextDataset(torch.utils.data.Dataset):
         size = list(self.cfg.crop_yx) if self.cfg.crop_yx else [_round_up(n, p) for n in shape_yx]
         start = [int(rng.integers(0, n - k + 1)) if n >= k else -((k - n) // 2) for n, k in zip(shape_yx, size)]
         return start, size
+
+    def _organ_window(self, rng, v: int, masks: np.ndarray, mapping, size_zyx, focus: str | None
+                      ) -> tuple[int, list[int], str]:
+        """(z0, in-plane start, organ) of a window around one organ of volume ``v`` (``focus`` when given and
+        present): holding one of its lesion boxes whole (at a uniformly random place) when it has some, else
+        centred near a random voxel of it (jittered by up to a quarter of the window)."""
+        counts = self._volume_counts(v, masks)
+        names = [n for n, ids in mapping.items() if counts[ids].sum() > 0] or list(mapping)
+        name = focus if focus in names else names[int(rng.integers(len(names)))]
+        boxes = [b["bbox_zyx"] for b in self.source.entry(v).get("boxes") or [] if b.get("category") == name]
+        if boxes:
+            box = boxes[int(rng.integers(len(boxes)))]
+            start = []
+            for lo, hi, k in zip(box[:3], box[3:], size_zyx):
+                a, b = sorted((hi - k, lo))  # the window holds the box, or lies inside a box bigger than it
+                start.append(int(rng.integers(a, b + 1)))
+        else:
+            point = self._organ_points(v, masks, name, mapping[name])
+            centre = point[int(rng.integers(len(point)))] if len(point) else np.asarray(masks.shape) // 2
+            start = [int(c) - k // 2 + int(rng.integers(-(k // 4), k // 4 + 1)) for c, k in zip(centre, size_zyx)]
+        return start[0], start[1:], name
+
+    def _organ_points(self, v: int, masks: np.ndarray, name: str, ids: list[int]) -> np.ndarray:
+        """Up to 4096 voxel coordinates (z, y, x) of an organ, drawn once per volume and organ, then kept."""
+        key = (v, name)
+        points = self._points.get(key)
+        if points is None:
+            m = np.asarray(masks)
+            if m.dtype == np.uint32:  # region bits
+                inside = np.zeros(m.shape, bool)
+                for r in ids:
+                    inside |= (m & np.uint32(1 << r)) != 0
+            else:
+                inside = np.isin(m, ids)
+            points = np.argwhere(inside)
+            if len(points) > 4096:
+                points = points[np.random.default_rng([self.cfg.seed, v]).choice(len(points), 4096, replace=False)]
+            self._points[key] = points
+            if len(self._points) > self.max_cached:
+                self._points.popitem(last=False)
+        return points
 
     def _organs(self, v: int, masks: np.ndarray, mapping, start_zyx, size_zyx) -> list[str]:
         lo = [max(0, s) for s in start_zyx]

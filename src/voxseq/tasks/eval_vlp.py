@@ -3,7 +3,8 @@
 * Zero-shot abnormality classification (CT-CLIP protocol): each volume against "<X> is present." and
   "<X> is not present." (or the prompt pairs of a YAML file), softmax over the pair, AUROC per label, ACC
   and weighted F1 at the ROC point closest to (0, 1). A volume is embedded whole, whatever its number of
-  slices (``aggregate=volume``), or as z-chunks whose highest P(present) counts (``aggregate=chunks``).
+  slices (``aggregate=volume``), or as z-chunks whose highest P(present) counts (``aggregate=chunks``; cut
+  in-plane too, into half-overlapping tiles of the training crop, when the checkpoint trained on ``crop_yx``).
 * Zero-shot organ classification of chunks: which organs a chunk shows, from organ-name prompts, scored
   against the organ masks (AUROC per organ and top-1 accuracy).
 * Retrieval: volume -> report and report -> volume recall@k.
@@ -70,10 +71,12 @@ def _pad_value(meta: dict[str, Any]) -> float:
 
 
 @torch.no_grad()
-def embed_volume(model: SigVLP, image: np.ndarray, pad_value: float, chunk_slices: int | None = None) -> np.ndarray:
+def embed_volume(model: SigVLP, image: np.ndarray, pad_value: float, chunk_slices: int | None = None,
+                 tile_yx: list[int] | None = None) -> np.ndarray:
     """(n, D) embeddings of a (C, Z, Y, X) volume: one for the whole volume (``chunk_slices`` None, any
-    number of slices) or one per z-chunk of ``chunk_slices`` slices."""
-    chunks = volume_chunks(np.asarray(image, dtype=np.float32), model.cfg.vision.patch_size, chunk_slices, pad_value)
+    number of slices) or one per z-chunk of ``chunk_slices`` slices (and per in-plane tile of ``tile_yx``)."""
+    chunks = volume_chunks(np.asarray(image, dtype=np.float32), model.cfg.vision.patch_size, chunk_slices, pad_value,
+                           tile_yx)
     out = []
     for c in chunks:  # one chunk per forward: long volumes never build one huge packed row
         b = collate_packed([c], max_tokens=c["tokens"].shape[0])
@@ -169,13 +172,14 @@ def run_zero_shot(checkpoint: str | Path, source: str | Path, out: str | Path, *
         raise VoxseqError(f"{prompts}: no prompts for label(s) {', '.join(missing)}")
     rows = [i for i, e in enumerate(entries) if all(n in e.get("classes", {}) for n in names)]
     pad = _pad_value(meta)
-    emb = [embed_volume(model, cache.image(i), pad, None if aggregate == "volume" else chunk_slices)
+    tile_yx = from_dict(ChunkConfig, meta["config"]["chunks"]).crop_yx if aggregate == "chunks" else None
+    emb = [embed_volume(model, cache.image(i), pad, None if aggregate == "volume" else chunk_slices, tile_yx)
            for i in _progress(rows, "zero-shot: embedding volumes")]
     pos = embed_texts(model, tokenizer, [pairs[n][0] for n in names], max_len)
     neg = embed_texts(model, tokenizer, [pairs[n][1] for n in names], max_len)
     scores = abnormality_scores(emb, pos, neg)
     truth = np.array([[entries[i]["classes"][n] for n in names] for i in rows], dtype=int)
-    result = {"checkpoint": str(checkpoint), "source": str(source), "aggregate": aggregate,
+    result = {"checkpoint": str(checkpoint), "source": str(source), "aggregate": aggregate, "tile_yx": tile_yx,
               "n_volumes": len(rows), "slices": [int(cache.image(i).shape[1]) for i in rows],
               "prompts": {n: list(pairs[n]) for n in names}, **multilabel_report(truth, scores, names)}
     organ = organ_classification(model, tokenizer, cache, meta, organ_chunks, organ_template, max_len)
