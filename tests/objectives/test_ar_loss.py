@@ -37,6 +37,16 @@ def test_invariant_to_affine_target_rescaling():
     assert torch.allclose(norm_pixel_loss(pred, target, mask), norm_pixel_loss(pred, 7 * target + 3, mask), atol=1e-5)
 
 
+def test_raw_voxel_regression_without_normalisation():
+    target = torch.tensor([[[1.0, 3.0], [2.0, 2.0]]])
+    pred = torch.zeros(1, 2, 2)
+    both = torch.ones(1, 2, dtype=torch.bool)
+    assert torch.isclose(norm_pixel_loss(pred, target, both, normalize=False), torch.tensor((1 + 9 + 4 + 4) / 4))
+    assert norm_pixel_loss(target, target, both, normalize=False) == 0  # the raw voxels themselves
+    assert not torch.isclose(norm_pixel_loss(pred, 7 * target + 3, both, normalize=False),
+                             norm_pixel_loss(pred, target, both, normalize=False))  # the intensity now matters
+
+
 def test_prefix_sampling():
     g = torch.Generator().manual_seed(0)
     p = sample_prefix_len(10000, 512, g)

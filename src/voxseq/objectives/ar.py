@@ -12,13 +12,16 @@ def norm_pixel_target(target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return (target - mean) / (var + eps).sqrt()
 
 
-def norm_pixel_loss(pred: torch.Tensor, target: torch.Tensor, loss_mask: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def norm_pixel_loss(pred: torch.Tensor, target: torch.Tensor, loss_mask: torch.Tensor, eps: float = 1e-6,
+                    normalize: bool = True) -> torch.Tensor:
     """MSE between predicted tokens (B, L, P) and per-token-normalised targets, over ``loss_mask`` (B, L).
 
     Averaged over the voxels of every token where the mask is True; a batch without any such token
-    gives 0 (with a gradient) rather than NaN.
+    gives 0 (with a gradient) rather than NaN. ``normalize=False`` regresses the raw voxels instead (the
+    ablation: the token's own mean intensity then has to be predicted too).
     """
-    per_token = (pred.float() - norm_pixel_target(target.float(), eps)).pow(2).mean(dim=-1)  # (B, L)
+    goal = norm_pixel_target(target.float(), eps) if normalize else target.float()
+    per_token = (pred.float() - goal).pow(2).mean(dim=-1)  # (B, L)
     m = loss_mask.to(per_token.dtype)
     return (per_token * m).sum() / m.sum().clamp_min(1.0)
 

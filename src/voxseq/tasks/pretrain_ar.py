@@ -50,6 +50,7 @@ class ARPretrainConfig:
     grad_clip: float = 1.0
     max_nonfinite_steps: int = 5  # skip steps with a non-finite loss or gradient; stop after this many in a row
     random_start: bool = True  # prefix length ~ U[0, L-1]; False: pure causal (the paper's ablation)
+    norm_pix: bool = True  # regress per-token-normalised voxels (the paper); False: raw voxels (an ablation)
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     compile: bool = False
     distributed: str = "ddp"  # ddp | fsdp2 (under torchrun)
@@ -145,7 +146,7 @@ def run_pretrain_ar(cfg: ARPretrainConfig, out: str | Path, *, resume: bool = Fa
                 ctx = net.no_sync() if not sync else contextlib.nullcontext()
                 with ctx, dist_utils.autocast_context(device, cfg.precision):
                     pred = net(x, pos, prefix)
-                    loss = norm_pixel_loss(pred, x, mask)
+                    loss = norm_pixel_loss(pred, x, mask, normalize=cfg.norm_pix)
                 (loss / cfg.grad_accum).backward()
                 loss_sum += loss.item()
                 tokens += b * length
