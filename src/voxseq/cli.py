@@ -248,17 +248,13 @@ def evaluate_zero_shot(
                                   "the highest score over z-chunks (and over in-plane tiles of the training crop when the model "
                                   "trained on chunks.crop_yx crops)."),
     chunk_slices: int = typer.Option(32, "--chunk-slices", help="Chunk thickness with --aggregate chunks."),
-    relevant_fraction: float = typer.Option(1.0, "--relevant-fraction", help="With --aggregate chunks: only this "
-                                            "share of a volume's chunks, those closest to a label's prompts, "
-                                            "score that label (1: every chunk)."),
     split: Optional[str] = typer.Option(None, "--split", help="Only this split of the data."),
 ) -> None:
     """Zero-shot abnormality classification (CT-CLIP prompts) and organ classification of chunks."""
     from voxseq.tasks.eval_vlp import run_zero_shot
 
     r = run_zero_shot(checkpoint, source, out, prompts=prompts, labels=labels.split(",") if labels else None,
-                      aggregate=aggregate, chunk_slices=chunk_slices, relevant_fraction=relevant_fraction,
-                      split=split)
+                      aggregate=aggregate, chunk_slices=chunk_slices, split=split)
     for name, m in r["per_label"].items():
         typer.echo(f"{name:24s} AUROC {m['auc']:.3f}  ACC {m['acc']:.3f}  weighted F1 {m['weighted_f1']:.3f}")
     typer.echo(f"mean AUROC {r['mean_auc']:.3f} over {r['n_volumes']} volumes")

@@ -7,8 +7,6 @@ import math
 import numpy as np
 import pytest
 
-from voxseq import VoxseqError
-
 from voxseq.eval.metrics import (
     binary_report,
     multilabel_report,
@@ -113,22 +111,3 @@ def test_retrieval_perfect_inverted_and_random():
             assert abs(direction[f"R@{k}"] - p) < 4 * math.sqrt(p * (1 - p) / n) + 1e-9, (k, direction)
     with pytest.raises(ValueError, match="item i with text i"):
         retrieval_report(emb, emb[:3])
-
-
-def test_abnormality_scores_max_over_chunks_and_relevant_chunks_only():
-    from voxseq.tasks.eval_vlp import abnormality_scores
-
-    pos, neg = np.array([[1.0, 0.0, 0.0]]), np.array([[0.0, 1.0, 0.0]])  # "lesion present" / "absent"
-    normal = np.array([[0.3, 0.0, 1.0],  # about something else, leaning to "present" by chance: P = 0.57
-                       [0.1, 1.0, 0.0]])  # about the organ, clearly "absent": P = 0.29
-    lesion = np.array([[0.0, 0.0, 1.0],  # about something else: P = 0.5
-                       [1.0, 0.8, 0.0]])  # about the organ, "present": P = 0.54
-    every = abnormality_scores([normal, lesion], pos, neg)
-    assert every.shape == (2, 1) and every[0, 0] > every[1, 0]  # the stray chunk outvotes the lesion
-    assert np.isclose(every[0, 0], 1 / (1 + np.exp(-0.3 / np.hypot(0.3, 1.0))))
-    relevant = abnormality_scores([normal, lesion], pos, neg, relevant_fraction=0.5)
-    assert relevant[1, 0] > relevant[0, 0]  # each volume's chunk closest to the prompts decides
-    assert np.isclose(relevant[0, 0], 1 / (1 + np.exp(-(0.1 - 1.0) / np.hypot(0.1, 1.0))))
-    assert np.array_equal(abnormality_scores([normal[:1]], pos, neg, 0.5), abnormality_scores([normal[:1]], pos, neg))
-    with pytest.raises(VoxseqError, match="relevant_fraction"):
-        abnormality_scores([normal], pos, neg, relevant_fraction=0.0)

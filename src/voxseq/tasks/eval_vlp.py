@@ -115,27 +115,11 @@ def load_prompts(path: str | Path | None, labels: list[str]) -> dict[str, tuple[
     return {str(k): (v[0], v[1]) for k, v in data.items()}
 
 
-def abnormality_scores(vol_chunks: list[np.ndarray], pos: np.ndarray, neg: np.ndarray,
-                       relevant_fraction: float = 1.0) -> np.ndarray:
-    """(N, K) P(present) per volume: the pair softmax of each embedding, highest over a volume's chunks.
+def abnormality_scores(vol_chunks: list[np.ndarray], pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
+    """(N, K) P(present) per volume: the pair softmax of each embedding, highest over a volume's chunks."""
+    from voxseq.eval.metrics import pair_softmax_scores
 
-    With ``relevant_fraction`` < 1, only that share of a volume's chunks (at least one) counts for label k:
-    those most similar to either of k's two prompts, i.e. the chunks the prompts are about (a lung tile
-    does not get to vote on "a liver lesion")."""
-    from voxseq.eval.metrics import l2_normalise, pair_softmax_scores
-
-    if not 0 < relevant_fraction <= 1:
-        raise VoxseqError(f"relevant_fraction must be in (0, 1], not {relevant_fraction}")
-    out = []
-    for e in vol_chunks:
-        p = pair_softmax_scores(e, pos, neg)  # (n, K)
-        if relevant_fraction < 1 and len(e) > 1:
-            img = l2_normalise(e)
-            rel = np.maximum(img @ l2_normalise(pos).T, img @ l2_normalise(neg).T)  # (n, K)
-            top = np.argsort(-rel, axis=0, kind="stable")[: max(1, int(np.ceil(relevant_fraction * len(e))))]
-            p = np.take_along_axis(p, top, axis=0)
-        out.append(p.max(axis=0))
-    return np.stack(out)
+    return np.stack([pair_softmax_scores(e, pos, neg).max(axis=0) for e in vol_chunks])
 
 
 def organ_classification(model: SigVLP, tokenizer, cache: Cache, meta: dict[str, Any], n_chunks: int,
@@ -170,8 +154,7 @@ def organ_classification(model: SigVLP, tokenizer, cache: Cache, meta: dict[str,
 
 def run_zero_shot(checkpoint: str | Path, source: str | Path, out: str | Path, *, prompts: str | Path | None = None,
                   labels: list[str] | None = None, aggregate: str = "volume", chunk_slices: int = 32,
-                  relevant_fraction: float = 1.0, split: str | None = None, organ_chunks: int = 200,
-                  organ_template: str = ORGAN_TEMPLATE) -> dict[str, Any]:
+                  split: str | None = None, organ_chunks: int = 200, organ_template: str = ORGAN_TEMPLATE) -> dict[str, Any]:
     """Zero-shot abnormality (and organ) classification; writes zero_shot.json, zero_shot.md, roc.png."""
     from voxseq.eval.metrics import multilabel_report
 
@@ -194,10 +177,9 @@ def run_zero_shot(checkpoint: str | Path, source: str | Path, out: str | Path, *
            for i in _progress(rows, "zero-shot: embedding volumes")]
     pos = embed_texts(model, tokenizer, [pairs[n][0] for n in names], max_len)
     neg = embed_texts(model, tokenizer, [pairs[n][1] for n in names], max_len)
-    scores = abnormality_scores(emb, pos, neg, relevant_fraction)
+    scores = abnormality_scores(emb, pos, neg)
     truth = np.array([[entries[i]["classes"][n] for n in names] for i in rows], dtype=int)
     result = {"checkpoint": str(checkpoint), "source": str(source), "aggregate": aggregate, "tile_yx": tile_yx,
-              "relevant_fraction": relevant_fraction,
               "n_volumes": len(rows), "slices": [int(cache.image(i).shape[1]) for i in rows],
               "prompts": {n: list(pairs[n]) for n in names}, **multilabel_report(truth, scores, names)}
     organ = organ_classification(model, tokenizer, cache, meta, organ_chunks, organ_template, max_len)
@@ -212,8 +194,7 @@ def run_zero_shot(checkpoint: str | Path, source: str | Path, out: str | Path, *
 def zero_shot_markdown(r: dict[str, Any]) -> str:
     s = r["slices"]
     lines = [f"# Zero-shot abnormality classification ({r['n_volumes']} volumes, {min(s)}-{max(s)} slices, "
-             f"aggregate: {r['aggregate']}" + (f", the {r['relevant_fraction']:g} of chunks closest to each label's prompts"
-                                                if r.get("relevant_fraction", 1) < 1 else "") + ")", "", f"checkpoint: `{r['checkpoint']}`", "",
+             f"aggregate: {r['aggregate']})", "", f"checkpoint: `{r['checkpoint']}`", "",
              "| label | positives | AUROC | ACC | weighted F1 | prompts (present / absent) |", "|---|---|---|---|---|---|"]
     for name, m in r["per_label"].items():
         lines.append(f"| {name} | {m['positives']}/{m['n']} | {m['auc']:.3f} | {m['acc']:.3f} | {m['weighted_f1']:.3f} | "
