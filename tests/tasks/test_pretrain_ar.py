@@ -115,9 +115,9 @@ def test_nonfinite_steps_are_skipped_and_too_many_stop_the_run(tmp_path, cache, 
 
     real, calls, bad = par.norm_pixel_loss, {"n": 0}, {3, 4}
 
-    def flaky(pred, target, mask):  # one call per step (grad_accum 1): NaN on the chosen steps
+    def flaky(pred, target, mask, **kw):  # one call per step (grad_accum 1): NaN on the chosen steps
         i, calls["n"] = calls["n"], calls["n"] + 1
-        loss = real(pred, target, mask)
+        loss = real(pred, target, mask, **kw)
         return loss * float("nan") if i in bad else loss
 
     monkeypatch.setattr(par, "norm_pixel_loss", flaky)
@@ -138,3 +138,22 @@ def test_nonfinite_steps_are_skipped_and_too_many_stop_the_run(tmp_path, cache, 
     assert six.step == 6  # the last good checkpoint is intact: skipped steps 4 and 5 changed no weight
     assert all(torch.equal(four.state_dict[k], v) for k, v in six.state_dict.items())
     assert all(torch.isfinite(v).all() for v in six.state_dict.values())
+
+
+def test_norm_pix_false_regresses_raw_voxels(tmp_path, cache, monkeypatch):
+    import voxseq.tasks.pretrain_ar as par
+
+    real, seen = par.norm_pixel_loss, []
+
+    def spy(pred, target, mask, **kw):
+        seen.append(kw.get("normalize", True))
+        return real(pred, target, mask, **kw)
+
+    monkeypatch.setattr(par, "norm_pixel_loss", spy)
+    for flag in ("true", "false"):
+        par.run_pretrain_ar(par.load_ar_config(CONFIG, [*TINY, f"data.cache={cache}", "max_steps=2", f"norm_pix={flag}"]),
+                            tmp_path / flag, progress=False)
+    assert seen == [True, True, False, False]
+    raw = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "false")}
+    normed = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "true")}
+    assert raw[0] != normed[0]  # the same first batch, another target
