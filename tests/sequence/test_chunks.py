@@ -498,3 +498,13 @@ def test_phantom_chunks_pair_with_the_organs_they_show(phantom_cache):
             assert "liver" not in it["organs"]
     assert liver_chunks > 0
     assert len(ds._counts) == 2  # label voxel counts: once per volume
+
+
+def test_organ_points_from_region_bits_are_the_voxels_with_any_of_its_bits():
+    bits = np.random.default_rng(0).integers(0, 2**5, (4, 5, 6)).astype(np.uint32)
+    ds = ChunkTextDataset(organ_source(1), cfg(crop_yx=[8, 8], crop_center="organ"))
+    expected = {tuple(p) for p in np.argwhere(((bits >> 1) & 1) | ((bits >> 3) & 1))}
+    assert {tuple(p) for p in ds._organ_points(0, bits, "region", [1, 3])} == expected
+    labels = organ_labels()
+    lung = {tuple(p) for p in np.argwhere(np.isin(labels, [2, 3]))}  # 4096 voxels: all kept
+    assert {tuple(p) for p in ds._organ_points(0, labels, "lung", [2, 3])} == lung

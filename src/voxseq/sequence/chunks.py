@@ -405,10 +405,8 @@ class ChunkTextDataset(torch.utils.data.Dataset):
         points = self._points.get(key)
         if points is None:
             m = np.asarray(masks)
-            if m.dtype == np.uint32:  # region bits
-                inside = np.zeros(m.shape, bool)
-                for r in ids:
-                    inside |= (m & np.uint32(1 << r)) != 0
+            if m.dtype == np.uint32:  # region bits: any of the organ's bits set
+                inside = (m & np.uint32(sum(1 << r for r in ids))) != 0
             else:
                 inside = np.isin(m, ids)
             points = np.argwhere(inside)
