@@ -241,20 +241,24 @@ def evaluate_zero_shot(
     source: Path = typer.Argument(..., help="Volumes with class labels: a manifest (.jsonl), dataset folder or cache."),
     checkpoint: Path = typer.Option(..., "--checkpoint", help="A SigVLP checkpoint or run folder."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for zero_shot.json/.md and roc.png."),
-    prompts: Optional[Path] = typer.Option(None, "--prompts", help="YAML: label -> [present prompt, absent prompt] "
-                                           "(default: '<Label> is present.' / '<Label> is not present.')."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="YAML: label -> [present prompt, absent prompt, organ (optional)] "
+                                           "(default: '<Label> is present.' / '<Label> is not present.'). Labels "
+                                           "with an organ are also scored on the chunks showing that organ."),
     labels: Optional[str] = typer.Option(None, "--labels", help="Comma-separated labels (default: all in the prompts/data)."),
     aggregate: str = typer.Option("volume", "--aggregate", help="volume: one embedding per whole volume; chunks: "
                                   "the highest score over z-chunks (and over in-plane tiles of the training crop when the model "
                                   "trained on chunks.crop_yx crops)."),
     chunk_slices: int = typer.Option(32, "--chunk-slices", help="Chunk thickness with --aggregate chunks."),
     split: Optional[str] = typer.Option(None, "--split", help="Only this split of the data."),
+    organ_chunks: int = typer.Option(200, "--organ-chunks", min=1, help="Chunks drawn (as in training, from the "
+                                     "organ masks) for organ classification and findings in organ chunks."),
 ) -> None:
-    """Zero-shot abnormality classification (CT-CLIP prompts) and organ classification of chunks."""
+    """Zero-shot abnormality classification (CT-CLIP prompts), organ classification of chunks and findings in
+    the chunks that show their organ."""
     from voxseq.tasks.eval_vlp import run_zero_shot
 
     r = run_zero_shot(checkpoint, source, out, prompts=prompts, labels=labels.split(",") if labels else None,
-                      aggregate=aggregate, chunk_slices=chunk_slices, split=split)
+                      aggregate=aggregate, chunk_slices=chunk_slices, split=split, organ_chunks_n=organ_chunks)
     for name, m in r["per_label"].items():
         typer.echo(f"{name:24s} AUROC {m['auc']:.3f}  ACC {m['acc']:.3f}  weighted F1 {m['weighted_f1']:.3f}")
     typer.echo(f"mean AUROC {r['mean_auc']:.3f} over {r['n_volumes']} volumes")
@@ -263,6 +267,10 @@ def evaluate_zero_shot(
         typer.echo(f"organ classification: top-1 {o['top1_accuracy']:.3f} (chance {o['top1_chance']:.3f}, "
                    f"always the most frequent organ {o['top1_majority']:.3f}), "
                    f"mean AUROC {o['mean_auc']:.3f}")
+    if "finding_in_organ_chunks" in r:
+        f = r["finding_in_organ_chunks"]
+        typer.echo("findings in organ chunks: " + ", ".join(f"{n} {m['auc']:.3f}" for n, m in f["per_label"].items())
+                   + f"; mean AUROC {f['mean_auc']:.3f}")
     typer.echo(f"-> {out / 'zero_shot.md'}")
 
 

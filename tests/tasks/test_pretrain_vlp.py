@@ -147,7 +147,12 @@ def test_zero_shot_retrieval_embed_and_finetune_take_the_checkpoint(tmp_path, tr
         assert 0.0 <= m["acc"] <= 1.0 and (np.isnan(m["auc"]) or 0.0 <= m["auc"] <= 1.0)
     o = r["organ_classification"]
     assert 0.0 <= o["top1_accuracy"] <= 1.0 and 0.0 < o["top1_chance"] <= o["top1_majority"] <= 1.0
+    f = r["finding_in_organ_chunks"]  # the prompts name an organ for every finding but the (box-less) effusion
+    assert f["per_label"] and set(f["per_label"]) <= {"lung nodule", "cardiomegaly", "liver lesion", "kidney cyst", "bone lesion"}
+    for m in f["per_label"].values():
+        assert m["n"] >= m["positives"] and m["volumes"] <= 4 and (np.isnan(m["auc"]) or 0.0 <= m["auc"] <= 1.0)
     assert (out / "roc.png").is_file() and "Zero-shot abnormality" in (out / "zero_shot.md").read_text()
+    assert "findings in organ chunks" in (out / "zero_shot.md").read_text()
     assert main(["evaluate", "zero-shot", "--checkpoint", str(trained), "--aggregate", "chunks", "--chunk-slices", "8",
                  "--labels", "liver lesion", "--prompts", str(PROMPTS), "--out", str(tmp_path / "zs2"), str(out / "cache")]) == 0
     assert list(json.loads((tmp_path / "zs2" / "zero_shot.json").read_text())["per_label"]) == ["liver lesion"]

@@ -78,7 +78,12 @@ def multilabel_report(labels: np.ndarray, scores: np.ndarray, names: Sequence[st
     labels, scores = np.asarray(labels), np.asarray(scores)
     if labels.shape != scores.shape or labels.shape[1] != len(names):
         raise ValueError(f"labels {labels.shape}, scores {scores.shape} and {len(names)} names do not agree")
-    per_label = {name: binary_report(labels[:, k], scores[:, k]) for k, name in enumerate(names)}
+    return summarise_labels({name: binary_report(labels[:, k], scores[:, k]) for k, name in enumerate(names)})
+
+
+def summarise_labels(per_label: dict[str, dict]) -> dict:
+    """``per_label`` (:func:`binary_report` of each label, on the same items or not) with the means of AUC,
+    ACC and weighted F1 over the labels that have both classes; the others are listed under ``skipped``."""
     counted = [r for r in per_label.values() if "note" not in r]
 
     def mean(key: str) -> float:

@@ -7,6 +7,10 @@
   in-plane too, into half-overlapping tiles of the training crop, when the checkpoint trained on ``crop_yx``).
 * Zero-shot organ classification of chunks: which organs a chunk shows, from organ-name prompts, scored
   against the organ masks (AUROC per organ and top-1 accuracy).
+* Zero-shot findings in organ chunks ("lesion present in <organ>"): for labels whose prompts name their organ,
+  the chunks (sampled as in training) that show that organ, each scored with the label's prompt pair against
+  the volume's label. A chunk shows an organ with a lesion box only when it holds the lesion
+  (``chunks.lesion_fraction``), so a positive chunk has the finding in view.
 * Retrieval: volume -> report and report -> volume recall@k.
 
 The evaluation volumes are prepared with the checkpoint's own preprocessing (into ``OUT/cache``), so
@@ -102,17 +106,38 @@ def _progress(items, description: str):
 # ---------------------------------------------------------------------------- zero-shot
 
 
+def _prompt_entries(path: str | Path) -> dict[str, dict[str, str]]:
+    """label -> {"present", "absent"[, "organ"]} from a prompts YAML: ``label: [present, absent]``,
+    ``label: [present, absent, organ]`` or ``label: {present: .., absent: .., organ: ..}``."""
+    data = load_yaml(path)
+    out: dict[str, dict[str, str]] = {}
+    bad = []
+    for k, v in (data or {}).items():
+        if isinstance(v, list) and len(v) in (2, 3) and all(isinstance(t, str) for t in v):
+            out[str(k)] = dict(zip(("present", "absent", "organ"), v))
+        elif isinstance(v, dict) and {"present", "absent"} <= set(v) <= {"present", "absent", "organ"} \
+                and all(isinstance(t, str) for t in v.values()):
+            out[str(k)] = {key: str(t) for key, t in v.items()}
+        else:
+            bad.append(k)
+    if bad or not out:
+        raise VoxseqError(f"{path}: each label needs [present prompt, absent prompt] (optionally a third item, "
+                          f"or an 'organ' key, naming the organ it is found in); check {', '.join(map(str, bad)) or 'the file'}")
+    return out
+
+
 def load_prompts(path: str | Path | None, labels: list[str]) -> dict[str, tuple[str, str]]:
     """label -> (present, absent) prompts: a YAML mapping of label -> [present, absent], else the CT-CLIP
     template for every label."""
     if path is None:
         return {lab: (PROMPT_TEMPLATE[0].format(lab.capitalize()), PROMPT_TEMPLATE[1].format(lab.capitalize()))
                 for lab in labels}
-    data = load_yaml(path)
-    bad = [k for k, v in data.items() if not (isinstance(v, list) and len(v) == 2 and all(isinstance(s, str) for s in v))]
-    if bad:
-        raise VoxseqError(f"{path}: each label needs [present prompt, absent prompt]; check {', '.join(map(str, bad))}")
-    return {str(k): (v[0], v[1]) for k, v in data.items()}
+    return {k: (v["present"], v["absent"]) for k, v in _prompt_entries(path).items()}
+
+
+def prompt_organs(path: str | Path | None) -> dict[str, str]:
+    """label -> the organ (sentence name) it is found in, for the labels of a prompts YAML that name one."""
+    return {k: v["organ"] for k, v in _prompt_entries(path).items() if "organ" in v} if path else {}
 
 
 def abnormality_scores(vol_chunks: list[np.ndarray], pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
@@ -122,25 +147,37 @@ def abnormality_scores(vol_chunks: list[np.ndarray], pos: np.ndarray, neg: np.nd
     return np.stack([pair_softmax_scores(e, pos, neg).max(axis=0) for e in vol_chunks])
 
 
-def organ_classification(model: SigVLP, tokenizer, cache: Cache, meta: dict[str, Any], n_chunks: int,
-                         template: str, max_len: int) -> dict[str, Any] | None:
-    """Zero-shot: which organs a chunk shows, from "The <organ>." prompts, against the organ masks."""
-    from voxseq.eval.metrics import multilabel_report
-
-    cfg = from_dict(ChunkConfig, {**meta["config"]["chunks"], "text_mode": "all", "max_sentences": 64, "seed": 12345,
+def organ_chunks(cache: Cache, meta: dict[str, Any], n_chunks: int, seed: int = 12345) -> list[dict[str, Any]]:
+    """``n_chunks`` chunks drawn as the checkpoint's training drew them (its chunk sizes, crops and organ
+    centring; every shown organ listed), keeping those paired through organ masks; [] without masks."""
+    cfg = from_dict(ChunkConfig, {**meta["config"]["chunks"], "text_mode": "all", "max_sentences": 64, "seed": seed,
                                   "focus_fraction": 0.0})
     try:
         ds = ChunkTextDataset(cache, cfg)
     except VoxseqError:
-        return None
-    items = [ds[i] for i in range(n_chunks)]
-    items = [it for it in items if it["organs"]]  # chunks paired through organ masks (not report fallback)
+        return []
+    items = [ds[i] for i in _progress(range(n_chunks), "zero-shot: drawing organ chunks")]
+    return [it for it in items if it["organs"]]  # not the report fallback
+
+
+@torch.no_grad()
+def embed_items(model: SigVLP, items: list[dict[str, Any]]) -> np.ndarray:
+    """(n, D) embeddings of sampled chunks, one forward each."""
+    if not items:
+        return np.zeros((0, model.cfg.embed_dim), np.float32)
+    return np.concatenate([model.encode_chunks(b["tokens"], b["pos"], b["segment"], 1).numpy()
+                           for b in (collate_packed([it], max_tokens=it["tokens"].shape[0]) for it in items)])
+
+
+def organ_classification(model: SigVLP, tokenizer, items: list[dict[str, Any]], img: np.ndarray,
+                         template: str, max_len: int) -> dict[str, Any] | None:
+    """Zero-shot: which organs a chunk shows, from "The <organ>." prompts, against the organ masks."""
+    from voxseq.eval.metrics import multilabel_report
+
     organs = sorted({o for it in items for o in it["organs"]})
     if len(organs) < 2 or not items:
         return None
     prompts = embed_texts(model, tokenizer, [template.format(o) for o in organs], max_len)
-    img = np.concatenate([model.encode_chunks(b["tokens"], b["pos"], b["segment"], 1).detach().numpy()
-                          for b in (collate_packed([it], max_tokens=it["tokens"].shape[0]) for it in items)])
     sim = img @ prompts.T  # (n, K)
     shown = np.array([[o in it["organs"] for o in organs] for it in items], dtype=int)
     top1 = float(np.mean([shown[i, sim[i].argmax()] for i in range(len(items))]))
@@ -152,9 +189,31 @@ def organ_classification(model: SigVLP, tokenizer, cache: Cache, meta: dict[str,
             "prompts": {o: template.format(o) for o in organs}, **report}
 
 
+def finding_classification(model: SigVLP, tokenizer, items: list[dict[str, Any]], img: np.ndarray,
+                           entries: list[dict[str, Any]], pairs: dict[str, tuple[str, str]],
+                           organs: dict[str, str], max_len: int) -> dict[str, Any] | None:
+    """Zero-shot "<finding> present in <organ>" on chunks: for each label with an organ, the chunks showing
+    that organ, P(present) from the label's prompt pair against the chunk's volume label (AUROC, ACC,
+    weighted F1 per label, as for volumes)."""
+    from voxseq.eval.metrics import binary_report, pair_softmax_scores, summarise_labels
+
+    per_label: dict[str, Any] = {}
+    for name, organ in organs.items():
+        rows = [i for i, it in enumerate(items) if organ in it["organs"]
+                and name in entries[it["volume_index"]].get("classes", {})]
+        if not rows:
+            continue
+        pos, neg = embed_texts(model, tokenizer, list(pairs[name]), max_len)
+        truth = np.array([int(entries[items[i]["volume_index"]]["classes"][name]) for i in rows])
+        scores = pair_softmax_scores(img[rows], pos[None], neg[None])[:, 0]
+        per_label[name] = {"organ": organ, "volumes": len({items[i]["volume_index"] for i in rows}),
+                           **binary_report(truth, scores)}
+    return {"n_chunks": len(items), **summarise_labels(per_label)} if per_label else None
+
+
 def run_zero_shot(checkpoint: str | Path, source: str | Path, out: str | Path, *, prompts: str | Path | None = None,
                   labels: list[str] | None = None, aggregate: str = "volume", chunk_slices: int = 32,
-                  split: str | None = None, organ_chunks: int = 200, organ_template: str = ORGAN_TEMPLATE) -> dict[str, Any]:
+                  split: str | None = None, organ_chunks_n: int = 200, organ_template: str = ORGAN_TEMPLATE) -> dict[str, Any]:
     """Zero-shot abnormality (and organ) classification; writes zero_shot.json, zero_shot.md, roc.png."""
     from voxseq.eval.metrics import multilabel_report
 
@@ -182,9 +241,15 @@ def run_zero_shot(checkpoint: str | Path, source: str | Path, out: str | Path, *
     result = {"checkpoint": str(checkpoint), "source": str(source), "aggregate": aggregate, "tile_yx": tile_yx,
               "n_volumes": len(rows), "slices": [int(cache.image(i).shape[1]) for i in rows],
               "prompts": {n: list(pairs[n]) for n in names}, **multilabel_report(truth, scores, names)}
-    organ = organ_classification(model, tokenizer, cache, meta, organ_chunks, organ_template, max_len)
+    items = organ_chunks(cache, meta, organ_chunks_n)
+    img = embed_items(model, items)
+    organ = organ_classification(model, tokenizer, items, img, organ_template, max_len)
     if organ is not None:
         result["organ_classification"] = organ
+    findings = finding_classification(model, tokenizer, items, img, entries, pairs,
+                                      {n: o for n, o in prompt_organs(prompts).items() if n in names}, max_len)
+    if findings is not None:
+        result["finding_in_organ_chunks"] = findings
     (out / "zero_shot.json").write_text(json.dumps(result, indent=1))
     (out / "zero_shot.md").write_text(zero_shot_markdown(result))
     plot_roc(truth, scores, names, out / "roc.png")
@@ -207,6 +272,14 @@ def zero_shot_markdown(r: dict[str, Any]) -> str:
                   f"the most frequent one {o['top1_majority']:.3f}); "
                   f"mean AUROC {o['mean_auc']:.3f}", "", "| organ | AUROC |", "|---|---|"]
         lines += [f"| {name} | {m['auc']:.3f} |" for name, m in o["per_label"].items()]
+    if "finding_in_organ_chunks" in r:
+        f = r["finding_in_organ_chunks"]
+        lines += ["", f"## Zero-shot findings in organ chunks ({f['n_chunks']} chunks)", "",
+                  "Each chunk that shows the label's organ, scored with the label's prompt pair against its volume's label.",
+                  "", "| label | organ | positive chunks | volumes | AUROC | ACC | weighted F1 |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {name} | {m['organ']} | {m['positives']}/{m['n']} | {m['volumes']} | {m['auc']:.3f} | {m['acc']:.3f} | "
+                  f"{m['weighted_f1']:.3f} |" for name, m in f["per_label"].items()]
+        lines += ["", f"mean AUROC **{f['mean_auc']:.3f}**, ACC {f['mean_acc']:.3f}, weighted F1 {f['mean_weighted_f1']:.3f}"]
     return "\n".join(lines) + "\n"
 
 
@@ -259,5 +332,5 @@ def run_retrieval(checkpoint: str | Path, source: str | Path, out: str | Path, *
     return result
 
 
-__all__ = ["embed_texts", "embed_volume", "evaluation_cache", "load_prompts", "organ_classification", "run_retrieval",
-           "run_zero_shot"]
+__all__ = ["embed_items", "embed_texts", "embed_volume", "evaluation_cache", "finding_classification", "load_prompts",
+           "organ_chunks", "organ_classification", "prompt_organs", "run_retrieval", "run_zero_shot"]
