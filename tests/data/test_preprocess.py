@@ -37,6 +37,23 @@ def test_window_maps_range_linearly():
     assert np.allclose(window_intensity(hu, -1000, 1000, out_range=(-1, 1)), [-1, -0.021, 0.084, 0.189, 1])
 
 
+def test_several_hu_windows_make_one_channel_each():
+    hu = np.array([-1000, -600, -175, 0, 250, 1300], dtype=np.int16).reshape(1, 1, 6)
+    vol = Volume(hu, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+    cfg = Preprocess(intensity="window", hu_windows=[[-1000, 200], [-175, 250], [-500, 1300]], out_range=[-1, 1])
+    out, _ = preprocess(vol, None, cfg)
+    assert out.array.shape == (3, 1, 1, 6) and out.channels == 3
+    assert np.allclose(out.array[0, 0, 0], [-1, -1 / 3, 0.375, 2 / 3, 1, 1])  # lung: a -600 HU nodule rim stands out
+    assert np.allclose(out.array[1, 0, 0], [-1, -1, -1, -0.1764706, 1, 1])  # soft tissue: the same rim is air
+    assert np.allclose(out.array[2, 0, 0], [-1, -1, -0.6388889, -0.4444444, -0.1666667, 1])
+    # one CT channel only: several windows of several channels would be ambiguous
+    with pytest.raises(VoxseqError, match="turns one CT channel into 3"):
+        preprocess(Volume(np.stack([hu, hu]), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0)), None, cfg)
+    for bad in ([], [[200, -1000]], [[-1000, 200, 5]]):
+        with pytest.raises(VoxseqError, match="hu_windows"):
+            Preprocess(intensity="window", hu_windows=bad)
+
+
 def test_percentile_normalisation_per_channel():
     rng = np.random.default_rng(0)
     a = np.stack([rng.normal(100, 10, (8, 8, 8)), rng.normal(5000, 500, (8, 8, 8))]).astype(np.float32)

@@ -175,7 +175,7 @@ def test_zero_shot_retrieval_embed_and_finetune_take_the_checkpoint(tmp_path, tr
     assert meta["model"]["pos_embed"] == "rope3d"  # the UNETR encoder is the rotary SigVLP vision tower
 
 
-def test_zero_shot_bad_prompts_and_foreign_cache_are_clear_errors(tmp_path, trained, cache, capsys):
+def test_zero_shot_bad_prompts_and_foreign_cache_are_clear_errors(tmp_path, trained, cache, text_model, capsys):
     bad = tmp_path / "prompts.yaml"
     bad.write_text("liver lesion: only one prompt\n")
     assert main(["evaluate", "zero-shot", "--checkpoint", str(trained), "--prompts", str(bad), "--out", str(tmp_path / "o"),
@@ -186,6 +186,10 @@ def test_zero_shot_bad_prompts_and_foreign_cache_are_clear_errors(tmp_path, trai
                  "--window", "liver", "-j", "1"]) == 0
     assert main(["evaluate", "retrieval", "--checkpoint", str(trained), "--out", str(tmp_path / "r"), str(other)]) == 2
     assert "other settings than the checkpoint's preprocessing" in capsys.readouterr().err
+    # a one-channel cache under a three-channel (three-window) vision tower: said before any step
+    assert main(["pretrain", "vlp", "--config", str(CONFIG), "--out", str(tmp_path / "c3"), *tiny(text_model),
+                 "model.vision.in_chans=3", f"data.cache={cache}"]) == 2
+    assert "1] channel(s)" in capsys.readouterr().err and not (tmp_path / "c3" / "checkpoints").exists()
 
 
 def torchrun(out: Path, cache: Path, text_model: Path, port: int, *extra: str) -> None:

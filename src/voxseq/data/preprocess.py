@@ -37,8 +37,11 @@ class Preprocess:
     """How a raw volume becomes model input. Serialised to YAML with caches and checkpoints.
 
     intensity: ``window`` maps ``hu_range`` (or the named ``window`` preset) linearly onto
-    ``out_range``; ``percentile`` maps the per-channel ``percentiles`` onto ``out_range`` (MRI, and
-    AR-SSL4M pretraining); ``none`` keeps raw values. ``clip`` clips to ``out_range``.
+    ``out_range``, or each of several ``hu_windows`` onto a channel of its own (one CT becomes, say, a
+    lung, a soft-tissue and a bone channel: a model then sees a 0.8 cm lung nodule, which a soft-tissue
+    window clips to air, and a 45 HU liver lesion, which a lung window flattens); ``percentile`` maps the
+    per-channel ``percentiles`` onto ``out_range`` (MRI, and AR-SSL4M pretraining); ``none`` keeps raw
+    values. ``clip`` clips to ``out_range``.
     """
 
     orientation: str = "LPS"
@@ -46,6 +49,7 @@ class Preprocess:
     intensity: str = "percentile"
     window: str | None = None  # a CT_WINDOWS preset name
     hu_range: list[float] | None = None  # explicit [low, high] HU; overrides `window`
+    hu_windows: list[list[float]] | None = None  # several [low, high] HU windows, one output channel each; overrides both
     percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])
     out_range: list[float] = field(default_factory=lambda: [0.0, 1.0])
     clip: bool = True
@@ -60,8 +64,12 @@ class Preprocess:
             raise VoxseqError(f"preprocess.intensity must be one of {INTENSITY_MODES}, not {self.intensity!r}")
         if self.window is not None and self.window not in CT_WINDOWS:
             raise VoxseqError(f"unknown CT window preset {self.window!r} (known: {', '.join(CT_WINDOWS)})")
-        if self.intensity == "window" and self.window is None and self.hu_range is None:
-            raise VoxseqError("preprocess.intensity=window needs `window` (a preset name) or `hu_range`")
+        if self.hu_windows is not None and (not self.hu_windows or any(
+                len(w) != 2 or not float(w[0]) < float(w[1]) for w in self.hu_windows)):
+            raise VoxseqError(f"preprocess.hu_windows must be a list of [low, high] HU pairs with low < high, "
+                              f"not {self.hu_windows}")
+        if self.intensity == "window" and self.window is None and self.hu_range is None and self.hu_windows is None:
+            raise VoxseqError("preprocess.intensity=window needs `window` (a preset name), `hu_range` or `hu_windows`")
         if self.spacing_xyz is not None and (len(self.spacing_xyz) != 3 or min(self.spacing_xyz) <= 0):
             raise VoxseqError(f"preprocess.spacing_xyz must be three positive numbers, not {self.spacing_xyz}")
         if len(self.orientation) != 3:
@@ -185,6 +193,12 @@ def percentile_intensity(array: np.ndarray, percentiles=(0.5, 99.5), out_range=(
 
 
 def normalize_intensity(array: np.ndarray, cfg: Preprocess) -> np.ndarray:
+    if cfg.intensity == "window" and cfg.hu_windows is not None:
+        if array.ndim == 4 and array.shape[0] != 1:
+            raise VoxseqError(f"preprocess.hu_windows turns one CT channel into {len(cfg.hu_windows)}; "
+                              f"this image has {array.shape[0]} channels")
+        ct = array[0] if array.ndim == 4 else array
+        return np.stack([window_intensity(ct, float(lo), float(hi), cfg.out_range, cfg.clip) for lo, hi in cfg.hu_windows])
     if cfg.intensity == "window":
         low, high = cfg.window_range  # type: ignore[misc]
         return window_intensity(array, low, high, cfg.out_range, cfg.clip)

@@ -99,6 +99,10 @@ def run_pretrain_vlp(cfg: VLPPretrainConfig, out: str | Path, *, resume: bool = 
         ensure_cache(cfg.data, run_dir, progress)
     dist_utils.barrier()
     source = open_cache(Path(cfg.data.cache) if cfg.data.cache else run_dir / "cache", cfg.data.split)
+    channels = {int(source.entry(i).get("channels", 1)) for i in range(len(source))}
+    if channels != {cfg.model.vision.in_chans}:
+        raise VoxseqError(f"the cache's volumes have {sorted(channels)} channel(s) (preprocess.hu_windows gives one per "
+                          f"window) but model.vision.in_chans is {cfg.model.vision.in_chans}")
     dataset = ChunkTextDataset(source, cfg.chunks)
     tokenizer = load_tokenizer(cfg.model.text_model)
     max_len = cfg.text_max_length or cfg.model.text_max_length
