@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import numpy as np
@@ -219,6 +220,23 @@ def test_organ_centred_crops_hold_their_organ_or_its_lesion():
             assert it["tokens"][0, 0] == it["z0"] * 10000 + it["y0"] * 100 + it["x0"]
     assert lesion_windows >= 5
     assert [ds[i]["text"] for i in range(20)] == [it["text"] for it in items[:20]]  # a pure function of (seed, i)
+    # without lesion centring a window's place does not depend on the lesion boxes: the same windows as for the
+    # volumes without boxes, and the lesion sentence only on those that happen to hold >= half of the box
+
+
+    no_boxes = copy.deepcopy(src)
+    del no_boxes.entries[1]["boxes"]
+    places = {}
+    for centred in (True, False):
+        kw = dict(min_slices=8, max_slices=8, crop_yx=[8, 8], crop_center="organ", text_mode="one", lesion_centred=centred)
+        a, b = ChunkTextDataset(src, cfg(**kw)), ChunkTextDataset(no_boxes, cfg(**kw))
+        pairs = [(a[i], b[i]) for i in range(200)]
+        pairs = [(x, y) for x, y in pairs if x["organs"] and y["organs"]]  # no z redraw in either
+        places[centred] = np.mean([(x["z0"], x["y0"], x["x0"]) == (y["z0"], y["y0"], y["x0"]) for x, y in pairs])
+        for x, _ in pairs:
+            if x["text"] == "The liver shows a 1.0 cm lesion.":
+                assert lesion_in_window(src.entries[1]["boxes"], "liver", [x["z0"], x["y0"], x["x0"]], [8, 8, 8])
+    assert places[False] == 1.0 and places[True] < 0.95
     with pytest.raises(VoxseqError, match="crop_center"):
         cfg(crop_center="organ")  # needs crop_yx
     with pytest.raises(VoxseqError, match="crop_center"):

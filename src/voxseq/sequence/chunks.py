@@ -62,6 +62,8 @@ class ChunkConfig:
     max_slices: int = 128
     crop_yx: list[int] | None = None  # in-plane crop; None = the whole slice padded up to a multiple of the patch
     crop_center: str = "random"  # "random" crops, or "organ": around an organ (its lesion when it has one)
+    lesion_centred: bool = True  # organ windows hold the organ's lesion when it has one; false: placed from the
+    # organ alone and never redrawn (evaluation: where a window sits says nothing about the findings)
     organ_fraction: float = 0.3  # shown: the chunk holds >= this fraction of the organ's voxels ...
     chunk_fraction: float = 0.05  # ... or the organ fills >= this fraction of the chunk
     lesion_fraction: float = 0.5  # an organ with lesion boxes is shown only by chunks holding this share of one
@@ -343,11 +345,15 @@ class ChunkTextDataset(torch.utils.data.Dataset):
         thickness = self._thickness(rng, image.shape[1])
         start_yx, size_yx = self._inplane(rng, image.shape[2:])
         organs: list[str] = []
+        redraw = True
         if cfg.crop_center == "organ" and mapping:
             z0, start_yx, centred = self._organ_window(rng, v, masks, mapping, [thickness, *size_yx], focus)
             organs = self._organs(v, masks, mapping, [z0, *start_yx], [thickness, *size_yx])
             focus = focus or centred  # the text is the centred organ's sentence when the window shows it
-        for _ in range(0 if organs else _RETRIES * (2 if focus else 1) if mapping else 1):
+            # without lesion centring the window stays where it was drawn: redrawing until the organ is shown
+            # would, for an organ with a lesion, hunt for the lesion
+            redraw = cfg.lesion_centred
+        for _ in range(0 if organs or not redraw else _RETRIES * (2 if focus else 1) if mapping else 1):
             z0 = int(rng.integers(0, image.shape[1] - thickness + 1)) if image.shape[1] >= thickness \
                 else -((thickness - image.shape[1]) // 2)
             if mapping:
@@ -381,13 +387,15 @@ class ChunkTextDataset(torch.utils.data.Dataset):
     def _organ_window(self, rng, v: int, masks: np.ndarray, mapping, size_zyx, focus: str | None
                       ) -> tuple[int, list[int], str]:
         """(z0, in-plane start, organ) of a window around one organ of volume ``v`` (``focus`` when given and
-        present): holding one of its lesion boxes whole (at a uniformly random place) when it has some, else
-        centred near a random voxel of it (jittered by up to a quarter of the window)."""
+        present): holding one of its lesion boxes whole (at a uniformly random place) when it has some and
+        ``lesion_centred``, else centred near a random voxel of it (jittered by up to a quarter of the window).
+        Without lesion centring the place does not depend on the findings: an evaluation then cannot tell a
+        lesion by where the window sits."""
         counts = self._volume_counts(v, masks)
         names = [n for n, ids in mapping.items() if counts[ids].sum() > 0] or list(mapping)
         name = focus if focus in names else names[int(rng.integers(len(names)))]
         boxes = [b["bbox_zyx"] for b in self.source.entry(v).get("boxes") or [] if b.get("category") == name]
-        if boxes:
+        if boxes and self.cfg.lesion_centred:
             box = boxes[int(rng.integers(len(boxes)))]
             start = []
             for lo, hi, k in zip(box[:3], box[3:], size_zyx):

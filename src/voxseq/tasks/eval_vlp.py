@@ -149,9 +149,13 @@ def abnormality_scores(vol_chunks: list[np.ndarray], pos: np.ndarray, neg: np.nd
 
 def organ_chunks(cache: Cache, meta: dict[str, Any], n_chunks: int, seed: int = 12345) -> list[dict[str, Any]]:
     """``n_chunks`` chunks drawn as the checkpoint's training drew them (its chunk sizes, crops and organ
-    centring; every shown organ listed), keeping those paired through organ masks; [] without masks."""
+    centring; every shown organ listed), keeping those paired through organ masks; [] without masks.
+
+    Organ windows are placed without looking at the lesions (``lesion_centred`` off): whether one holds a
+    lesion is then chance, and its place says nothing about the finding. An organ with lesions counts as
+    shown only by windows that hold one (``lesion_fraction``), as in training."""
     cfg = from_dict(ChunkConfig, {**meta["config"]["chunks"], "text_mode": "all", "max_sentences": 64, "seed": seed,
-                                  "focus_fraction": 0.0})
+                                  "focus_fraction": 0.0, "lesion_centred": False})
     try:
         ds = ChunkTextDataset(cache, cfg)
     except VoxseqError:
