@@ -190,6 +190,12 @@ def test_zero_shot_bad_prompts_and_foreign_cache_are_clear_errors(tmp_path, trai
     assert main(["pretrain", "vlp", "--config", str(CONFIG), "--out", str(tmp_path / "c3"), *tiny(text_model),
                  "model.vision.in_chans=3", f"data.cache={cache}"]) == 2
     assert "1] channel(s)" in capsys.readouterr().err and not (tmp_path / "c3" / "checkpoints").exists()
+    # a cache that lists more volumes than the configured data: refused, its index left whole
+    before = (cache / "index.jsonl").read_text()
+    assert main(["pretrain", "vlp", "--config", str(CONFIG), "--out", str(tmp_path / "fewer"), *tiny(text_model),
+                 "data.phantoms.n_ct=2", f"data.cache={cache}"]) == 2
+    assert "would drop them from its index" in capsys.readouterr().err
+    assert (cache / "index.jsonl").read_text() == before
 
 
 def torchrun(out: Path, cache: Path, text_model: Path, port: int, *extra: str) -> None:

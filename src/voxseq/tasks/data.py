@@ -3,6 +3,8 @@ phantoms and/or the bundled real samples, prepared once into a cache that later 
 
 from __future__ import annotations
 
+import json
+
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,6 +92,16 @@ def ensure_cache(cfg: DataConfig, run_dir: Path, progress: bool = True) -> Path:
     if (path / "index.jsonl").is_file() and not (cfg.source or cfg.samples or cfg.phantoms.n_ct or cfg.phantoms.n_mri):
         return path  # a ready cache, nothing to add
     records = gather_records(cfg, path.parent, progress)
+    index = path / "index.jsonl"
+    if index.is_file():  # completing a cache rewrites its index with these records: never drop what it lists
+        listed = {json.loads(line)["id"] for line in index.read_text(encoding="utf-8").splitlines() if line.strip()}
+        extra = sorted(listed - {r.id for r in records})
+        if extra:
+            raise VoxseqError(
+                f"{path} lists {len(extra)} volume(s) that the configured data does not ({', '.join(extra[:3])}"
+                f"{', ...' if len(extra) > 3 else ''}); preparing it again would drop them from its index. To train on "
+                "the cache as it is, set data.phantoms.n_ct=0 data.phantoms.n_mri=0 data.samples=false data.source=null; "
+                "or give another data.cache folder")
     prepare_cache(records, path, cfg.preprocess, workers=cfg.workers, progress=progress)
     return path
 
