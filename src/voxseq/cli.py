@@ -252,13 +252,16 @@ def evaluate_zero_shot(
     split: Optional[str] = typer.Option(None, "--split", help="Only this split of the data."),
     organ_chunks: int = typer.Option(200, "--organ-chunks", min=1, help="Chunks drawn (as in training, from the "
                                      "organ masks) for organ classification and findings in organ chunks."),
+    organ_chunk_slices: Optional[int] = typer.Option(None, "--organ-chunk-slices", min=1, help="Those chunks' "
+                                                     "thickness (default: as in training; thicker tests longer inputs)."),
 ) -> None:
     """Zero-shot abnormality classification (CT-CLIP prompts), organ classification of chunks and findings in
     the chunks that show their organ."""
     from voxseq.tasks.eval_vlp import run_zero_shot
 
     r = run_zero_shot(checkpoint, source, out, prompts=prompts, labels=labels.split(",") if labels else None,
-                      aggregate=aggregate, chunk_slices=chunk_slices, split=split, organ_chunks_n=organ_chunks)
+                      aggregate=aggregate, chunk_slices=chunk_slices, split=split, organ_chunks_n=organ_chunks,
+                      organ_chunk_slices=organ_chunk_slices)
     for name, m in r["per_label"].items():
         typer.echo(f"{name:24s} AUROC {m['auc']:.3f}  ACC {m['acc']:.3f}  weighted F1 {m['weighted_f1']:.3f}")
     typer.echo(f"mean AUROC {r['mean_auc']:.3f} over {r['n_volumes']} volumes")

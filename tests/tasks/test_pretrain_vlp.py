@@ -154,8 +154,11 @@ def test_zero_shot_retrieval_embed_and_finetune_take_the_checkpoint(tmp_path, tr
     assert (out / "roc.png").is_file() and "Zero-shot abnormality" in (out / "zero_shot.md").read_text()
     assert "findings in organ chunks" in (out / "zero_shot.md").read_text()
     assert main(["evaluate", "zero-shot", "--checkpoint", str(trained), "--aggregate", "chunks", "--chunk-slices", "8",
-                 "--labels", "liver lesion", "--prompts", str(PROMPTS), "--out", str(tmp_path / "zs2"), str(out / "cache")]) == 0
-    assert list(json.loads((tmp_path / "zs2" / "zero_shot.json").read_text())["per_label"]) == ["liver lesion"]
+                 "--labels", "liver lesion", "--prompts", str(PROMPTS), "--out", str(tmp_path / "zs2"), str(out / "cache"),
+                 "--organ-chunks", "30", "--organ-chunk-slices", "32"]) == 0  # organ chunks twice the training's thickest
+    r2 = json.loads((tmp_path / "zs2" / "zero_shot.json").read_text())
+    assert list(r2["per_label"]) == ["liver lesion"] and r2["organ_chunk_slices"] == 32
+    assert 0 < r2["organ_classification"]["n_chunks"] <= 30 and "32 slices each" in (tmp_path / "zs2" / "zero_shot.md").read_text()
 
     assert main(["evaluate", "retrieval", "--checkpoint", str(trained), "--out", str(tmp_path / "rt"), str(out / "cache")]) == 0
     rt = json.loads((tmp_path / "rt" / "retrieval.json").read_text())

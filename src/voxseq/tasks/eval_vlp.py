@@ -147,15 +147,18 @@ def abnormality_scores(vol_chunks: list[np.ndarray], pos: np.ndarray, neg: np.nd
     return np.stack([pair_softmax_scores(e, pos, neg).max(axis=0) for e in vol_chunks])
 
 
-def organ_chunks(cache: Cache, meta: dict[str, Any], n_chunks: int, seed: int = 12345) -> list[dict[str, Any]]:
+def organ_chunks(cache: Cache, meta: dict[str, Any], n_chunks: int, seed: int = 12345,
+                 slices: int | None = None) -> list[dict[str, Any]]:
     """``n_chunks`` chunks drawn as the checkpoint's training drew them (its chunk sizes, crops and organ
     centring; every shown organ listed), keeping those paired through organ masks; [] without masks.
 
     Organ windows are placed without looking at the lesions (``lesion_centred`` off): whether one holds a
     lesion is then chance, and its place says nothing about the finding. An organ with lesions counts as
-    shown only by windows that hold one (``lesion_fraction``), as in training."""
+    shown only by windows that hold one (``lesion_fraction``), as in training. ``slices``: every chunk this
+    thick instead (a multiple of the patch; thicker than training shows the model longer inputs than it saw)."""
+    thickness = {"min_slices": slices, "max_slices": slices} if slices else {}
     cfg = from_dict(ChunkConfig, {**meta["config"]["chunks"], "text_mode": "all", "max_sentences": 64, "seed": seed,
-                                  "focus_fraction": 0.0, "lesion_centred": False})
+                                  "focus_fraction": 0.0, "lesion_centred": False, **thickness})
     try:
         ds = ChunkTextDataset(cache, cfg)
     except VoxseqError:
@@ -217,7 +220,8 @@ def finding_classification(model: SigVLP, tokenizer, items: list[dict[str, Any]]
 
 def run_zero_shot(checkpoint: str | Path, source: str | Path, out: str | Path, *, prompts: str | Path | None = None,
                   labels: list[str] | None = None, aggregate: str = "volume", chunk_slices: int = 32,
-                  split: str | None = None, organ_chunks_n: int = 200, organ_template: str = ORGAN_TEMPLATE) -> dict[str, Any]:
+                  split: str | None = None, organ_chunks_n: int = 200, organ_chunk_slices: int | None = None,
+                  organ_template: str = ORGAN_TEMPLATE) -> dict[str, Any]:
     """Zero-shot abnormality (and organ) classification; writes zero_shot.json, zero_shot.md, roc.png."""
     from voxseq.eval.metrics import multilabel_report
 
@@ -243,9 +247,10 @@ def run_zero_shot(checkpoint: str | Path, source: str | Path, out: str | Path, *
     scores = abnormality_scores(emb, pos, neg)
     truth = np.array([[entries[i]["classes"][n] for n in names] for i in rows], dtype=int)
     result = {"checkpoint": str(checkpoint), "source": str(source), "aggregate": aggregate, "tile_yx": tile_yx,
+              "organ_chunk_slices": organ_chunk_slices,
               "n_volumes": len(rows), "slices": [int(cache.image(i).shape[1]) for i in rows],
               "prompts": {n: list(pairs[n]) for n in names}, **multilabel_report(truth, scores, names)}
-    items = organ_chunks(cache, meta, organ_chunks_n)
+    items = organ_chunks(cache, meta, organ_chunks_n, slices=organ_chunk_slices)
     img = embed_items(model, items)
     organ = organ_classification(model, tokenizer, items, img, organ_template, max_len)
     if organ is not None:
@@ -271,14 +276,16 @@ def zero_shot_markdown(r: dict[str, Any]) -> str:
     lines += ["", f"mean AUROC **{r['mean_auc']:.3f}**, ACC {r['mean_acc']:.3f}, weighted F1 {r['mean_weighted_f1']:.3f}"]
     if "organ_classification" in r:
         o = r["organ_classification"]
-        lines += ["", f"## Zero-shot organ classification ({o['n_chunks']} chunks)", "",
+        thick = f", {r['organ_chunk_slices']} slices each" if r.get("organ_chunk_slices") else ""
+        lines += ["", f"## Zero-shot organ classification ({o['n_chunks']} chunks{thick})", "",
                   f"top-1 accuracy **{o['top1_accuracy']:.3f}** (a random organ is shown {o['top1_chance']:.3f} of the time, "
                   f"the most frequent one {o['top1_majority']:.3f}); "
                   f"mean AUROC {o['mean_auc']:.3f}", "", "| organ | AUROC |", "|---|---|"]
         lines += [f"| {name} | {m['auc']:.3f} |" for name, m in o["per_label"].items()]
     if "finding_in_organ_chunks" in r:
         f = r["finding_in_organ_chunks"]
-        lines += ["", f"## Zero-shot findings in organ chunks ({f['n_chunks']} chunks)", "",
+        thick = f", {r['organ_chunk_slices']} slices each" if r.get("organ_chunk_slices") else ""
+        lines += ["", f"## Zero-shot findings in organ chunks ({f['n_chunks']} chunks{thick})", "",
                   "Each chunk that shows the label's organ, scored with the label's prompt pair against its volume's label.",
                   "", "| label | organ | positive chunks | volumes | AUROC | ACC | weighted F1 |", "|---|---|---|---|---|---|---|"]
         lines += [f"| {name} | {m['organ']} | {m['positives']}/{m['n']} | {m['volumes']} | {m['auc']:.3f} | {m['acc']:.3f} | "
