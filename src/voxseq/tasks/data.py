@@ -4,7 +4,6 @@ phantoms and/or the bundled real samples, prepared once into a cache that later 
 from __future__ import annotations
 
 import json
-
 from dataclasses import dataclass, field
 from pathlib import Path
 

@@ -8,9 +8,9 @@
 * Zero-shot organ classification of chunks: which organs a chunk shows, from organ-name prompts, scored
   against the organ masks (AUROC per organ and top-1 accuracy).
 * Zero-shot findings in organ chunks ("lesion present in <organ>"): for labels whose prompts name their organ,
-  the chunks (sampled as in training) that show that organ, each scored with the label's prompt pair against
-  the volume's label. A chunk shows an organ with a lesion box only when it holds the lesion
-  (``chunks.lesion_fraction``), so a positive chunk has the finding in view.
+  the chunks that show that organ (drawn as in training, but placed without looking at the lesions), each
+  scored with the label's prompt pair against the volume's label. A chunk shows an organ with a lesion box
+  only when it holds the lesion (``chunks.lesion_fraction``), so a positive chunk has the finding in view.
 * Retrieval: volume -> report and report -> volume recall@k.
 
 The evaluation volumes are prepared with the checkpoint's own preprocessing (into ``OUT/cache``), so
@@ -75,17 +75,22 @@ def _pad_value(meta: dict[str, Any]) -> float:
 
 
 @torch.no_grad()
+def embed_items(model: SigVLP, items: list[dict[str, Any]]) -> np.ndarray:
+    """(n, D) embeddings of sampled chunks, one forward each."""
+    if not items:
+        return np.zeros((0, model.cfg.embed_dim), np.float32)
+    return np.concatenate([model.encode_chunks(b["tokens"], b["pos"], b["segment"], 1).numpy()
+                           for b in (collate_packed([it], max_tokens=it["tokens"].shape[0]) for it in items)])
+
+
+@torch.no_grad()
 def embed_volume(model: SigVLP, image: np.ndarray, pad_value: float, chunk_slices: int | None = None,
                  tile_yx: list[int] | None = None) -> np.ndarray:
     """(n, D) embeddings of a (C, Z, Y, X) volume: one for the whole volume (``chunk_slices`` None, any
     number of slices) or one per z-chunk of ``chunk_slices`` slices (and per in-plane tile of ``tile_yx``)."""
-    chunks = volume_chunks(np.asarray(image, dtype=np.float32), model.cfg.vision.patch_size, chunk_slices, pad_value,
-                           tile_yx)
-    out = []
-    for c in chunks:  # one chunk per forward: long volumes never build one huge packed row
-        b = collate_packed([c], max_tokens=c["tokens"].shape[0])
-        out.append(model.encode_chunks(b["tokens"], b["pos"], b["segment"], 1)[0].numpy())
-    return np.stack(out)
+    # one chunk per forward: long volumes never build one huge packed row
+    return embed_items(model, volume_chunks(np.asarray(image, dtype=np.float32), model.cfg.vision.patch_size,
+                                            chunk_slices, pad_value, tile_yx))
 
 
 @torch.no_grad()
@@ -165,15 +170,6 @@ def organ_chunks(cache: Cache, meta: dict[str, Any], n_chunks: int, seed: int = 
         return []
     items = [ds[i] for i in _progress(range(n_chunks), "zero-shot: drawing organ chunks")]
     return [it for it in items if it["organs"]]  # not the report fallback
-
-
-@torch.no_grad()
-def embed_items(model: SigVLP, items: list[dict[str, Any]]) -> np.ndarray:
-    """(n, D) embeddings of sampled chunks, one forward each."""
-    if not items:
-        return np.zeros((0, model.cfg.embed_dim), np.float32)
-    return np.concatenate([model.encode_chunks(b["tokens"], b["pos"], b["segment"], 1).numpy()
-                           for b in (collate_packed([it], max_tokens=it["tokens"].shape[0]) for it in items)])
 
 
 def organ_classification(model: SigVLP, tokenizer, items: list[dict[str, Any]], img: np.ndarray,
@@ -274,9 +270,9 @@ def zero_shot_markdown(r: dict[str, Any]) -> str:
         lines.append(f"| {name} | {m['positives']}/{m['n']} | {m['auc']:.3f} | {m['acc']:.3f} | {m['weighted_f1']:.3f} | "
                      f"{r['prompts'][name][0]} / {r['prompts'][name][1]} |")
     lines += ["", f"mean AUROC **{r['mean_auc']:.3f}**, ACC {r['mean_acc']:.3f}, weighted F1 {r['mean_weighted_f1']:.3f}"]
+    thick = f", {r['organ_chunk_slices']} slices each" if r.get("organ_chunk_slices") else ""
     if "organ_classification" in r:
         o = r["organ_classification"]
-        thick = f", {r['organ_chunk_slices']} slices each" if r.get("organ_chunk_slices") else ""
         lines += ["", f"## Zero-shot organ classification ({o['n_chunks']} chunks{thick})", "",
                   f"top-1 accuracy **{o['top1_accuracy']:.3f}** (a random organ is shown {o['top1_chance']:.3f} of the time, "
                   f"the most frequent one {o['top1_majority']:.3f}); "
@@ -284,7 +280,6 @@ def zero_shot_markdown(r: dict[str, Any]) -> str:
         lines += [f"| {name} | {m['auc']:.3f} |" for name, m in o["per_label"].items()]
     if "finding_in_organ_chunks" in r:
         f = r["finding_in_organ_chunks"]
-        thick = f", {r['organ_chunk_slices']} slices each" if r.get("organ_chunk_slices") else ""
         lines += ["", f"## Zero-shot findings in organ chunks ({f['n_chunks']} chunks{thick})", "",
                   "Each chunk that shows the label's organ, scored with the label's prompt pair against its volume's label.",
                   "", "| label | organ | positive chunks | volumes | AUROC | ACC | weighted F1 |", "|---|---|---|---|---|---|---|"]
