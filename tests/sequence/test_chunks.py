@@ -222,8 +222,6 @@ def test_organ_centred_crops_hold_their_organ_or_its_lesion():
     assert [ds[i]["text"] for i in range(20)] == [it["text"] for it in items[:20]]  # a pure function of (seed, i)
     # without lesion centring a window's place does not depend on the lesion boxes: the same windows as for the
     # volumes without boxes, and the lesion sentence only on those that happen to hold >= half of the box
-
-
     no_boxes = copy.deepcopy(src)
     del no_boxes.entries[1]["boxes"]
     places = {}
