@@ -339,13 +339,21 @@ def linear_probe(
     init: Path = typer.Option(..., "--init", help="The pretrained checkpoint or run folder."),
     out: Path = typer.Option(..., "--out", "-o", help="Experiment folder."),
     overrides: List[str] = typer.Argument(None, help="Config overrides key=value."),
+    window: str = typer.Option("pretraining", "--window", help="pretraining (the encoder's training geometry), "
+                               "whole (one sequence per volume) or ZxYxX voxels."),
+    layer: Optional[str] = typer.Option(None, "--layer", help="The headline layer: block N, mean or last "
+                                        "(default: the checkpoint's embedding default). Every layer is in the curve."),
 ) -> None:
-    """Per-token linear probe (organ at each token's centre): pretrained versus random encoder."""
+    """Per-token linear probe (organ at each token's centre): pretrained versus random encoder, by layer."""
     from voxseq.tasks.experiments import run_token_probe
 
-    r = run_token_probe(config, init, out, list(overrides or []))
+    r = run_token_probe(config, init, out, list(overrides or []), window=window, layer=layer)
+    typer.echo(f"layer {r['layer']}, " + ("whole volumes" if r["window_zyx"] is None else
+                                         f"windows of {'x'.join(map(str, r['window_zyx']))} voxels"))
     for name in ("pretrained", "random"):
         typer.echo(f"{name:10s} accuracy {r[name]['accuracy']:.4f}  balanced accuracy {r[name]['balanced_accuracy']:.4f}")
+        curve = r["layers"][name]
+        typer.echo(f"{'':10s} by layer: " + "  ".join(f"{k} {v['balanced_accuracy']:.3f}" for k, v in curve.items()))
     typer.echo(f"-> {out / 'token_probe.md'}")
 
 
@@ -359,22 +367,35 @@ def embed(
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="A checkpoint file or run folder (its latest)."),
     random_init: Optional[str] = typer.Option(None, "--random-init", help="A randomly initialised preset (tiny, small, base, large): a baseline."),
     per_token: bool = typer.Option(False, "--per-token", help="Per-token features (N, E) and voxel_ijk (N, 3) of one file."),
+    window: str = typer.Option("pretraining", "--window", help="pretraining: overlapping windows of the geometry the "
+                               "encoder was trained on (whole volumes for rotary / unknown encoders); whole: one "
+                               "sequence per volume; or ZxYxX voxels, e.g. 16x64x64."),
+    overlap: float = typer.Option(0.5, "--overlap", help="Fraction of a window shared by neighbouring windows."),
+    layer: Optional[str] = typer.Option(None, "--layer", help="Block N (1..depth), mean (of all blocks) or last "
+                                        "(the final normalised output; default)."),
 ) -> None:
     """Encoder features of volumes, with the checkpoint's own preprocessing."""
     import numpy as np
 
-    from voxseq.tasks.encoders import embed_file, encoder_from_checkpoint, random_encoder
+    from voxseq.models.features import parse_layer
+    from voxseq.tasks.encoders import default_layer, embed_file, encoder_from_checkpoint, random_encoder, resolve_window
 
     if (checkpoint is None) == (random_init is None):
         raise VoxseqError("give exactly one of --checkpoint and --random-init")
     if per_token and len(files) != 1:
         raise VoxseqError("--per-token embeds one file at a time")
     if checkpoint is not None:
-        encoder, pre, _, report = encoder_from_checkpoint(checkpoint)
+        encoder, pre, meta, report = encoder_from_checkpoint(checkpoint)
         typer.echo(f"encoder from {checkpoint}: {report.summary().splitlines()[0]}")
     else:
         encoder, pre = random_encoder(random_init)
-    results = [embed_file(encoder, pre, f, per_token=per_token) for f in files]
+        meta = {}
+    window_zyx = resolve_window(window, meta, encoder.cfg.patch_size)
+    chosen = parse_layer(default_layer(meta) if layer is None else layer, encoder.num_layers)
+    typer.echo(f"layer {chosen}, " + ("whole volumes" if window_zyx is None else
+                                      f"windows of {'x'.join(map(str, window_zyx))} voxels (overlap {overlap:g})"))
+    results = [embed_file(encoder, pre, f, per_token=per_token, window_zyx=window_zyx, layer=chosen, overlap=overlap)
+               for f in files]
     out.parent.mkdir(parents=True, exist_ok=True)
     if per_token:
         np.savez(out, features=results[0]["features"], voxel_ijk=results[0]["voxel_ijk"], path=str(files[0]))

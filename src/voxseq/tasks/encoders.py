@@ -10,6 +10,7 @@ An official AR-SSL4M weights file (``.pth``/``.pt``/``.safetensors``) is convert
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,6 +21,7 @@ from voxseq import VoxseqError
 from voxseq.config import from_dict
 from voxseq.data.preprocess import Preprocess
 from voxseq.io.volume import Volume, read_volume
+from voxseq.models.features import Layer, token_features
 from voxseq.models.vit3d import ViT3D, ViTConfig, vit_config
 from voxseq.train.checkpoint import LoadReport, load_checkpoint, load_state_dict_checked
 
@@ -29,13 +31,19 @@ NOT_ENCODER = ("head.", "start_token", "end_token", "decoder", "stem", "skip_blo
                "pool.", "vision_proj.", "text.", "text_proj.", "logit_scale", "logit_bias")
 
 
-def encoder_from_checkpoint(path: str | Path, strict: bool = False) -> tuple[ViT3D, Preprocess, dict[str, Any], LoadReport]:
-    """(encoder, preprocessing, checkpoint metadata, load report) from a checkpoint or run folder."""
+def encoder_from_checkpoint(path: str | Path, strict: bool = False,
+                            start_token: bool = False) -> tuple[ViT3D, Preprocess, dict[str, Any], LoadReport]:
+    """(encoder, preprocessing, checkpoint metadata, load report) from a checkpoint or run folder.
+
+    ``start_token``: an AR-SSL4M pretraining checkpoint's learned start token is prepended to image
+    inputs (as every pretraining sequence began with it; the encoder drops its output)."""
     ck = load_checkpoint(path)
     meta = ck.meta
     if "model" not in meta:
         raise VoxseqError(f"{ck.path}: checkpoint metadata has no model config")
     cfg = from_dict(ViTConfig, meta["model"])
+    if start_token and "start_token" in ck.state_dict and not cfg.start_token:
+        cfg = replace(cfg, start_token=True)
     encoder = ViT3D(cfg)
     state = {k: v for k, v in ck.state_dict.items()}
     report = load_state_dict_checked(encoder, state, prefix_map={"encoder.": ""})
@@ -53,6 +61,53 @@ def random_encoder(preset: str, patch_size: int | None = None) -> tuple[ViT3D, P
     torch.manual_seed(0)
     cfg = vit_config(preset, **({"patch_size": patch_size} if patch_size else {}))
     return ViT3D(cfg), Preprocess()
+
+
+def resolve_window(window: str | Sequence[int] | None, meta: dict[str, Any], patch_size: int) -> list[int] | None:
+    """The embedding window (voxels, z y x) for ``window``: ``whole`` (None: one sequence per volume),
+    ``pretraining`` (the geometry the checkpoint was trained on, see :func:`pretraining_window`), or
+    explicit sizes (``"16x64x64"`` or three numbers)."""
+    if window is None or window == "whole":
+        return None
+    if window == "pretraining":
+        return pretraining_window(meta)
+    parts = window.lower().replace(",", "x").split("x") if isinstance(window, str) else list(window)
+    try:
+        sizes = [int(v) for v in parts]
+    except ValueError:
+        raise VoxseqError(f"window {window!r} must be 'pretraining', 'whole' or ZxYxX voxels (e.g. 16x64x64)") from None
+    if len(sizes) != 3 or any(v <= 0 or v % patch_size for v in sizes):
+        raise VoxseqError(f"window {window!r} must be three positive multiples of the patch size {patch_size}")
+    return sizes
+
+
+def pretraining_window(meta: dict[str, Any]) -> list[int] | None:
+    """The input geometry a checkpoint's encoder was trained on, as an embedding window (voxels, z y x).
+
+    AR pretraining: its crop (``sequence.crop_zyx``, the region its sequences are cut from; measured
+    against one sub-volume and whole volumes in docs/reproducing.md); segmentation fine-tuning: its ROI.
+    Rotary (SigVLP) encoders and checkpoints that record no geometry (official weights, random
+    encoders) embed whole volumes (None).
+    """
+    model = meta.get("model", {})
+    if model.get("pos_embed") == "rope3d":
+        return None
+    cfg = meta.get("config", {})
+    sequence = cfg.get("sequence") or {}
+    if sequence.get("crop_zyx"):
+        return [int(v) for v in sequence["crop_zyx"]]
+    if cfg.get("roi_zyx"):
+        return [int(v) for v in cfg["roi_zyx"]]
+    return None
+
+
+def default_layer(meta: dict[str, Any]) -> str | int:
+    """The layer ``embed`` and the probe use by default: the middle block of AR-SSL4M pretraining
+    checkpoints (their last blocks specialise in predicting the next token; iGPT's finding, measured
+    here in docs/reproducing.md), the final normalised output of every other checkpoint."""
+    if meta.get("task") == "pretrain-ar":
+        return max(1, int(meta.get("model", {}).get("depth", 2)) // 2)
+    return "last"
 
 
 def pad_to_multiple(array: np.ndarray, multiple: int, value: float) -> np.ndarray:
@@ -79,9 +134,13 @@ def token_centres_in_source(grid_zyx: Sequence[int], patch: int, pre: Volume, so
 
 @torch.no_grad()
 def embed_file(encoder: ViT3D, pre_cfg: Preprocess, path: str | Path, per_token: bool = False,
-               spacing: Sequence[float] | None = None) -> dict[str, np.ndarray]:
+               spacing: Sequence[float] | None = None, window_zyx: Sequence[int] | None = None,
+               layer: Layer = "last", overlap: float = 0.5) -> dict[str, np.ndarray]:
     """Features of one file: ``features`` (E,) mean over tokens, or with ``per_token`` (N, E) plus
-    ``voxel_ijk`` (N, 3), keeping tokens whose centre lies inside the file's grid."""
+    ``voxel_ijk`` (N, 3), keeping tokens whose centre lies inside the file's grid.
+
+    ``window_zyx`` (voxels) embeds through overlapping windows of that size (None: the whole volume
+    as one sequence); ``layer`` picks the block (see ``voxseq.models.features``)."""
     source = read_volume(path, spacing=spacing)
     image, _ = pre_cfg(source)
     p = encoder.cfg.patch_size
@@ -90,7 +149,8 @@ def embed_file(encoder: ViT3D, pre_cfg: Preprocess, path: str | Path, per_token:
         raise VoxseqError(f"{path}: {arr.shape[0]} channel(s), the encoder takes {encoder.cfg.in_chans}")
     arr = pad_to_multiple(arr, p, pre_cfg.out_range[0] if pre_cfg.pad_value is None else pre_cfg.pad_value)
     encoder.eval()
-    feats = encoder.forward_features(torch.from_numpy(np.ascontiguousarray(arr))[None].float())[0].numpy()  # (N, E)
+    feats = token_features(encoder, torch.from_numpy(np.ascontiguousarray(arr)).float(), window_zyx, overlap,
+                           layer).numpy()  # (N, E)
     if not per_token:
         return {"features": feats.mean(0)}
     grid = [s // p for s in arr.shape[1:]]

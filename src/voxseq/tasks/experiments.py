@@ -84,53 +84,78 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     save_figure(fig, path)
 
 
-def token_features(encoder, cache, indices: list[int], max_tokens: int, rng) -> tuple[np.ndarray, np.ndarray]:
-    """Per-token features (N, E) of cached volumes and the label at each token's centre voxel."""
+def token_features(encoder, cache, indices: list[int], max_tokens: int, rng, layers=("last",),
+                   window_zyx=None) -> tuple[list[np.ndarray], np.ndarray]:
+    """Per-token features of cached volumes, one (N, E) array per layer, and the label at each token's
+    centre voxel (tokens embedded through ``voxseq.models.features.token_features_layers``)."""
     import torch
 
+    from voxseq.models.features import token_features_layers
     from voxseq.tasks.encoders import pad_to_multiple
 
     p = encoder.cfg.patch_size
-    feats, labels = [], []
+    feats: list[list[np.ndarray]] = [[] for _ in layers]
+    labels = []
     encoder.eval()
     for i in indices:
         img = pad_to_multiple(np.asarray(cache.image(i), dtype=np.float32), p, 0.0)
-        with torch.no_grad():
-            f = encoder.forward_features(torch.from_numpy(img)[None])[0].numpy()  # (N, E)
+        per_layer = token_features_layers(encoder, torch.from_numpy(img), list(layers), window_zyx)  # each (N, E)
         lab = np.asarray(cache.label(i))
         grid = [s // p for s in img.shape[1:]]
         zz, yy, xx = np.meshgrid(*[np.arange(g) * p + p // 2 for g in grid], indexing="ij")
         c = np.stack([zz.ravel(), yy.ravel(), xx.ravel()], 1)
         inside = (c < np.array(lab.shape)).all(1)
-        feats.append(f[inside])
+        for store, f in zip(feats, per_layer):
+            store.append(f.numpy()[inside])
         labels.append(lab[tuple(c[inside].T)])
-    x, y = np.concatenate(feats), np.concatenate(labels)
-    if len(x) > max_tokens:
-        keep = rng.choice(len(x), max_tokens, replace=False)
-        x, y = x[keep], y[keep]
-    return x, y
+    xs, y = [np.concatenate(f) for f in feats], np.concatenate(labels)
+    if len(y) > max_tokens:
+        keep = rng.choice(len(y), max_tokens, replace=False)
+        xs, y = [x[keep] for x in xs], y[keep]
+    return xs, y
 
 
-def run_token_probe(config: str | Path, init: str | Path, out: str | Path, overrides: list[str] | None = None,
-                    max_tokens: int = 20000, progress: bool = True) -> dict[str, Any]:
-    """Linear probe of per-token features: which organ is at each token's centre, pretrained versus
-    randomly initialised encoder of the same architecture. Logistic regression (scikit-learn) on the
-    training volumes' tokens, scored on the evaluation splits' tokens."""
-    import torch
+def fit_probe(xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndarray) -> dict[str, float]:
+    """Logistic regression on standardised features; accuracy and balanced accuracy on the test tokens."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import accuracy_score, balanced_accuracy_score
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
+    from threadpoolctl import threadpool_limits
+
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    with threadpool_limits(1):  # a multi-threaded BLAS on a busy machine made each fit ~25x slower
+        clf.fit(xtr, ytr)
+        pred = clf.predict(xte)
+    return {"accuracy": float(accuracy_score(yte, pred)), "balanced_accuracy": float(balanced_accuracy_score(yte, pred))}
+
+
+def run_token_probe(config: str | Path, init: str | Path, out: str | Path, overrides: list[str] | None = None,
+                    max_tokens: int = 20000, window: str = "pretraining", layer: str | int | None = None,
+                    start_token: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Linear probe of per-token features: which organ is at each token's centre, pretrained versus
+    randomly initialised encoder of the same architecture, at every layer. Logistic regression
+    (scikit-learn) on the training volumes' tokens, scored on the evaluation splits' tokens.
+
+    ``window``: ``pretraining`` embeds through windows of the pretraining geometry, ``whole`` each
+    volume as one sequence, or ``ZxYxX`` voxels. The top-level ``pretrained`` / ``random`` entries are
+    at ``layer`` (default: the checkpoint's default embedding layer); ``layers`` holds the curve.
+    """
+    import torch
+
+    from voxseq.models.features import parse_layer
     from voxseq.models.vit3d import ViT3D
     from voxseq.tasks.data import ensure_cache, open_cache
-    from voxseq.tasks.encoders import encoder_from_checkpoint
+    from voxseq.tasks.encoders import default_layer, encoder_from_checkpoint, resolve_window
     from voxseq.tasks.finetune_seg import load_seg_config
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = load_seg_config(config, list(overrides or []))
-    pretrained, pre, _, _ = encoder_from_checkpoint(init)
+    pretrained, pre, meta, _ = encoder_from_checkpoint(init, start_token=start_token)
+    window_zyx = resolve_window(window, meta, pretrained.cfg.patch_size)
+    headline = parse_layer(default_layer(meta) if layer is None else layer, pretrained.num_layers)
     cfg.data.preprocess = pre
     ensure_cache(cfg.data, out, progress)
     cache = open_cache(Path(cfg.data.cache) if cfg.data.cache else out / "cache", None)
@@ -139,20 +164,46 @@ def run_token_probe(config: str | Path, init: str | Path, out: str | Path, overr
     test = [i for i in labelled if cache.entry(i)["split"] in cfg.eval_splits]
     torch.manual_seed(0)
     encoders = {"pretrained": pretrained, "random": ViT3D(pretrained.cfg)}
-    result: dict[str, Any] = {"init": str(init), "n_train_volumes": len(train), "n_test_volumes": len(test)}
+    layers: list = [*range(1, pretrained.num_layers + 1), "last", "mean"]
+    result: dict[str, Any] = {"init": str(init), "n_train_volumes": len(train), "n_test_volumes": len(test),
+                              "window_zyx": window_zyx, "layer": headline,
+                              "start_token": pretrained.start_token is not None, "layers": {}}
     for name, enc in encoders.items():
         rng = np.random.default_rng(0)
-        xtr, ytr = token_features(enc, cache, train, max_tokens, rng)
-        xte, yte = token_features(enc, cache, test, max_tokens, rng)
-        clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
-        clf.fit(xtr, ytr)
-        pred = clf.predict(xte)
-        result[name] = {"accuracy": float(accuracy_score(yte, pred)),
-                        "balanced_accuracy": float(balanced_accuracy_score(yte, pred)),
-                        "train_tokens": int(len(ytr)), "test_tokens": int(len(yte))}
+        xtr, ytr = token_features(enc, cache, train, max_tokens, rng, layers, window_zyx)
+        xte, yte = token_features(enc, cache, test, max_tokens, rng, layers, window_zyx)
+        curve = {str(n): fit_probe(a, ytr, b, yte) for n, a, b in zip(layers, xtr, xte)}
+        result["layers"][name] = curve
+        result[name] = {**curve[str(headline)], "train_tokens": int(len(ytr)), "test_tokens": int(len(yte))}
     (out / "token_probe.json").write_text(json.dumps(result, indent=1))
-    md = ["# Per-token linear probe (organ at the token's centre)", "", f"Pretrained encoder: `{init}`", "",
+    where = "whole volumes" if window_zyx is None else f"windows of {'x'.join(map(str, window_zyx))} voxels"
+    md = ["# Per-token linear probe (organ at the token's centre)", "", f"Pretrained encoder: `{init}`; tokens embedded "
+          f"through {where}; headline layer: {headline}.", "",
           "| encoder | accuracy | balanced accuracy |", "|---|---|---|"]
     md += [f"| {n} | {result[n]['accuracy']:.4f} | {result[n]['balanced_accuracy']:.4f} |" for n in encoders]
+    md += ["", "Balanced accuracy by layer (block outputs 1..depth, the final normalised output, the mean of all blocks):",
+           "", "| layer | " + " | ".join(encoders) + " |", "|---|" + "---|" * len(encoders)]
+    md += [f"| {n} | " + " | ".join(f"{result['layers'][e][str(n)]['balanced_accuracy']:.4f}" for e in encoders) + " |"
+           for n in layers]
     (out / "token_probe.md").write_text("\n".join(md) + "\n")
+    _plot_probe_layers(result, out / "probe_layers.png")
     return result
+
+
+def _plot_probe_layers(result: dict[str, Any], path: Path) -> None:
+    from voxseq.train.plots import _plt, save_figure
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=110)
+    for name, colour in (("pretrained", "tab:blue"), ("random", "tab:gray")):
+        curve = result["layers"][name]
+        blocks = [k for k in curve if k.isdigit()]
+        ax.plot([int(k) for k in blocks], [curve[k]["balanced_accuracy"] for k in blocks], marker="o", color=colour,
+                label=f"{name} (mean of blocks {curve['mean']['balanced_accuracy']:.3f})")
+    ax.set_xlabel("block")
+    ax.set_ylabel("probe balanced accuracy")
+    ax.set_title("Per-token linear probe by layer")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
