@@ -79,10 +79,10 @@ def token_centres_in_source(grid_zyx: Sequence[int], patch: int, pre: Volume, so
 
 @torch.no_grad()
 def embed_file(encoder: ViT3D, pre_cfg: Preprocess, path: str | Path, per_token: bool = False,
-               spacing: Sequence[float] | None = None) -> dict[str, np.ndarray]:
+               spacing: Sequence[float] | None = None, nonfinite: str = "error") -> dict[str, np.ndarray]:
     """Features of one file: ``features`` (E,) mean over tokens, or with ``per_token`` (N, E) plus
     ``voxel_ijk`` (N, 3), keeping tokens whose centre lies inside the file's grid."""
-    source = read_volume(path, spacing=spacing)
+    source = read_volume(path, spacing=spacing, nonfinite=nonfinite)
     image, _ = pre_cfg(source)
     p = encoder.cfg.patch_size
     arr = image.array if image.array.ndim == 4 else image.array[None]
