@@ -201,3 +201,17 @@ def test_ct_window_on_mri_warns_naming_the_volumes(tmp_path):
         "cache of their own") and ": mri;" in warn[0], r.stderr
     r2 = run("prepare", manifest, "--out", tmp_path / "c2", "--workers", "1")  # percentile intensity: no CT window
     assert r2.returncode == 0 and "warning" not in r2.stderr
+
+
+def test_training_commands_advise_the_data_nonfinite_override(nan_scan, tmp_path, capsys):
+    from voxseq.data.cache import Cache
+    from voxseq.tasks.data import DataConfig, ensure_cache
+
+    rc = main(["pretrain", "ar", "--config", str(ROOT / "configs" / "ar_tiny.yaml"), "--out", str(tmp_path / "r"),
+               f"data.source={nan_scan}", "data.workers=1"])
+    line = one_error_line(capsys.readouterr().err)
+    assert rc == 2 and "nan.mha: contains 28 NaN/Inf voxels (use data.nonfinite=zero to replace them with 0)" in line
+    path = ensure_cache(DataConfig(source=str(nan_scan), nonfinite="zero", workers=1), tmp_path / "run", progress=False)
+    assert len(Cache(path)) == 1 and np.isfinite(Cache(path).image(0)).all()
+    with pytest.raises(VoxseqError, match="data.nonfinite must be error or zero"):
+        DataConfig(nonfinite="nan")

@@ -24,6 +24,7 @@ app.add_typer(pretrain_app, name="pretrain")
 _state: dict = {"debug": False, "nonfinite_advice": None}
 NONFINITE_HELP = "error: refuse NaN/Inf voxels; zero: replace them with 0."
 NONFINITE_FLAG = "--nonfinite zero"
+NONFINITE_OVERRIDE = "data.nonfinite=zero"  # commands whose data come from their config
 
 
 def _version(value: bool) -> None:
@@ -57,6 +58,11 @@ def _reads_volumes(nonfinite: str) -> str:
         raise VoxseqError(f"--nonfinite must be error or zero, not {nonfinite!r}")
     _state["nonfinite_advice"] = NONFINITE_FLAG
     return nonfinite
+
+
+def _reads_config_data() -> None:
+    """Called by each command that prepares its data from a config: errors advise the config override."""
+    _state["nonfinite_advice"] = NONFINITE_OVERRIDE
 
 
 def _err(message: str) -> None:
@@ -166,6 +172,7 @@ def pretrain_ar(
     """Autoregressive pretraining (AR-SSL4M) of a 3D ViT on token sequences."""
     from voxseq.tasks.pretrain_ar import load_ar_config, run_pretrain_ar
 
+    _reads_config_data()
     cfg = load_ar_config(config, list(overrides or []))
     _note_fresh_start(out, resume)
     _report_training(run_pretrain_ar(cfg, out, resume=resume), out)
@@ -181,6 +188,7 @@ def pretrain_vlp(
     """SigVLP vision-language pretraining: CT chunks of any size paired with organ-wise sentences."""
     from voxseq.tasks.pretrain_vlp import load_vlp_config, run_pretrain_vlp
 
+    _reads_config_data()
     cfg = load_vlp_config(config, list(overrides or []))
     _note_fresh_start(out, resume)
     _report_training(run_pretrain_vlp(cfg, out, resume=resume), out)
@@ -222,6 +230,7 @@ def finetune_seg(
     """UNETR segmentation fine-tuning; Dice per class on the validation split."""
     from voxseq.tasks.finetune_seg import load_seg_config, run_finetune_seg
 
+    _reads_config_data()
     extra = [f"label_ratio={label_ratio}"] if label_ratio is not None else []
     cfg = load_seg_config(config, list(overrides or []) + extra)
     r = run_finetune_seg(cfg, out, init=str(init) if init else None)
@@ -240,6 +249,7 @@ def finetune_cls(
     """Volume classification (mean-pooled tokens -> head); AUC, ACC, sensitivity, specificity."""
     from voxseq.tasks.finetune_cls import load_cls_config, run_finetune_cls
 
+    _reads_config_data()
     extra = [f"label_ratio={label_ratio}"] if label_ratio is not None else []
     cfg = load_cls_config(config, list(overrides or []) + extra)
     r = run_finetune_cls(cfg, out, init=str(init) if init else None)
@@ -362,6 +372,7 @@ def label_efficiency(
     """Fine-tune scratch and pretrained encoders over label ratios and seeds; table and plot."""
     from voxseq.tasks.experiments import run_label_efficiency
 
+    _reads_config_data()
     try:
         r_list = [float(x) for x in ratios.split(",")]
         s_list = [int(x) for x in seeds.split(",")]
@@ -383,6 +394,7 @@ def linear_probe(
     """Per-token linear probe (organ at each token's centre): pretrained versus random encoder."""
     from voxseq.tasks.experiments import run_token_probe
 
+    _reads_config_data()
     r = run_token_probe(config, init, out, list(overrides or []))
     for name in ("pretrained", "random"):
         typer.echo(f"{name:10s} accuracy {r[name]['accuracy']:.4f}  balanced accuracy {r[name]['balanced_accuracy']:.4f}")
