@@ -198,7 +198,7 @@ def test_ct_window_on_mri_warns_naming_the_volumes(tmp_path):
     assert r.returncode == 0, r.stderr
     warn = [ln for ln in r.stderr.splitlines() if "warning" in ln]
     assert len(warn) == 1 and "1 of 2 volume(s)" in warn[0] and "--window lung" in warn[0] and warn[0].endswith(
-        "cache of their own") and ": mri;" in warn[0], r.stderr
+        "without a CT window") and ": mri;" in warn[0], r.stderr
     r2 = run("prepare", manifest, "--out", tmp_path / "c2", "--workers", "1")  # percentile intensity: no CT window
     assert r2.returncode == 0 and "warning" not in r2.stderr
 

@@ -71,4 +71,4 @@ def window_warnings(out: Path, cfg: Preprocess) -> list[str]:
     what = f"--window {cfg.window}" if cfg.window and cfg.hu_range is None and cfg.hu_windows is None else "the CT window"
     names = ", ".join(odd[:5]) + (f", ... ({len(odd) - 5} more)" if len(odd) > 5 else "")
     return [f"{len(odd)} of {len(entries)} volume(s) have no voxel below 0, so are not CT in HU (MRI?), yet "
-            f"{what} (a CT window) was applied to them: {names}; prepare them without --window, in a cache of their own"]
+            f"{what} (a CT window) was applied to them: {names}; give them a cache of their own, without a CT window"]
