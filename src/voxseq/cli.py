@@ -21,7 +21,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=N
 pretrain_app = typer.Typer(no_args_is_help=True, help="Pretrain an encoder (ar: autoregressive sequences; vlp: vision-language on CT chunks).")
 app.add_typer(pretrain_app, name="pretrain")
 
-_state = {"debug": False}
+_state: dict = {"debug": False, "nonfinite_advice": None}
+NONFINITE_HELP = "error: refuse NaN/Inf voxels; zero: replace them with 0."
+NONFINITE_FLAG = "--nonfinite zero"
+NONFINITE_OVERRIDE = "data.nonfinite=zero"  # commands whose data come from their config
 
 
 def _version(value: bool) -> None:
@@ -36,10 +39,34 @@ def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
     _state["debug"] = debug
+    _state["nonfinite_advice"] = None  # set by the command that runs (main() may run several in one process)
+
+
+def _advise(message: str) -> str:
+    """A library message in the running command's terms: the NaN/Inf advice names the command's own flag."""
+    advice = _state["nonfinite_advice"]
+    if advice and "nonfinite=" in message:
+        from voxseq.io.volume import NONFINITE_ADVICE
+
+        message = message.replace(NONFINITE_ADVICE, advice)
+    return message
+
+
+def _reads_volumes(nonfinite: str) -> str:
+    """Called by each command with ``--nonfinite``: errors then advise that flag, and a wrong value stops here."""
+    if nonfinite not in ("error", "zero"):
+        raise VoxseqError(f"--nonfinite must be error or zero, not {nonfinite!r}")
+    _state["nonfinite_advice"] = NONFINITE_FLAG
+    return nonfinite
+
+
+def _reads_config_data() -> None:
+    """Called by each command that prepares its data from a config: errors advise the config override."""
+    _state["nonfinite_advice"] = NONFINITE_OVERRIDE
 
 
 def _err(message: str) -> None:
-    typer.echo(f"voxseq: error: {message}", err=True)
+    typer.echo(f"voxseq: error: {_advise(message)}", err=True)
 
 
 # ---------------------------------------------------------------------------- info
@@ -68,7 +95,10 @@ def info(
         else:
             typer.echo(f"{d['path']}\n  format {d['format']}  size_xyz {tuple(d['size_xyz'])}  channels {d['channels']}  "
                        f"spacing_xyz {tuple(round(s, 4) for s in d['spacing_xyz'])} mm  orientation {d['orientation']}\n"
-                       f"  dtype {d['dtype']}  min {d['min']:g}  max {d['max']:g}  mean {d['mean']:.4g}")
+                       f"  dtype {d['dtype']}  min {d['min']:g}  max {d['max']:g}  mean {d['mean']:.4g}  "
+                       f"NaN/Inf {d['nonfinite_voxels']}"
+                       + (" (read as 0 in min/max/mean; other commands refuse them unless --nonfinite zero)"
+                          if d["nonfinite_voxels"] else ""))
     if failed:
         raise typer.Exit(2)
 
@@ -86,7 +116,7 @@ def prepare(
     spacing: Optional[str] = typer.Option(None, "--spacing", help="Target spacing 'x,y,z' in mm."),
     workers: int = typer.Option(2, "--workers", "-j", help="Parallel worker processes."),
     on_error: str = typer.Option("stop", "--on-error", help="stop: stop at the first bad volume; skip: go on and list it."),
-    nonfinite: str = typer.Option("error", "--nonfinite", help="error: refuse NaN/Inf voxels; zero: replace them with 0."),
+    nonfinite: str = typer.Option("error", "--nonfinite", help=NONFINITE_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete an existing cache at --out first."),
     verify: bool = typer.Option(False, "--verify", help="Check the sha256 of every finished volume (file sizes are always checked); a broken one stops the run."),
     repair: bool = typer.Option(False, "--repair", help="Check every finished volume's sha256 and rebuild only the broken ones."),
@@ -95,6 +125,7 @@ def prepare(
     """Preprocess a corpus into a fast, memory-mapped voxel cache."""
     from voxseq.tasks.prepare import run_prepare
 
+    _reads_volumes(nonfinite)
     summary = run_prepare(source, out, config=config, adapter=adapter, window=window, spacing=spacing,
                           workers=workers, on_error=on_error, nonfinite=nonfinite, overwrite=overwrite,
                           verify=verify, repair=repair, overrides=list(overrides or []))
@@ -104,7 +135,9 @@ def prepare(
     for rid in summary.repaired:
         typer.echo(f"  repaired {rid}")
     for s in summary.skipped:
-        typer.echo(f"  skipped {s['id']}: {s['error']}")
+        typer.echo(f"  skipped {s['id']}: {_advise(s['error'])}")
+    for w in summary.warnings:
+        typer.echo(f"voxseq: warning: {w}", err=True)
 
 
 # ---------------------------------------------------------------------------- phantoms
@@ -139,7 +172,9 @@ def pretrain_ar(
     """Autoregressive pretraining (AR-SSL4M) of a 3D ViT on token sequences."""
     from voxseq.tasks.pretrain_ar import load_ar_config, run_pretrain_ar
 
+    _reads_config_data()
     cfg = load_ar_config(config, list(overrides or []))
+    _note_fresh_start(out, resume)
     _report_training(run_pretrain_ar(cfg, out, resume=resume), out)
 
 
@@ -153,8 +188,18 @@ def pretrain_vlp(
     """SigVLP vision-language pretraining: CT chunks of any size paired with organ-wise sentences."""
     from voxseq.tasks.pretrain_vlp import load_vlp_config, run_pretrain_vlp
 
+    _reads_config_data()
     cfg = load_vlp_config(config, list(overrides or []))
+    _note_fresh_start(out, resume)
     _report_training(run_pretrain_vlp(cfg, out, resume=resume), out)
+
+
+def _note_fresh_start(out: Path, resume: bool) -> None:
+    """``--resume`` on a run folder without checkpoints starts from step 0: say so (rank 0 only)."""
+    import os
+
+    if resume and os.environ.get("RANK", "0") == "0" and not any((out / "checkpoints").glob("model_*.json")):
+        typer.echo(f"voxseq: note: {out} holds no checkpoint to resume from; starting a fresh run", err=True)
 
 
 def _report_training(summary: dict, out: Path) -> None:
@@ -185,6 +230,7 @@ def finetune_seg(
     """UNETR segmentation fine-tuning; Dice per class on the validation split."""
     from voxseq.tasks.finetune_seg import load_seg_config, run_finetune_seg
 
+    _reads_config_data()
     extra = [f"label_ratio={label_ratio}"] if label_ratio is not None else []
     cfg = load_seg_config(config, list(overrides or []) + extra)
     r = run_finetune_seg(cfg, out, init=str(init) if init else None)
@@ -203,6 +249,7 @@ def finetune_cls(
     """Volume classification (mean-pooled tokens -> head); AUC, ACC, sensitivity, specificity."""
     from voxseq.tasks.finetune_cls import load_cls_config, run_finetune_cls
 
+    _reads_config_data()
     extra = [f"label_ratio={label_ratio}"] if label_ratio is not None else []
     cfg = load_cls_config(config, list(overrides or []) + extra)
     r = run_finetune_cls(cfg, out, init=str(init) if init else None)
@@ -254,6 +301,7 @@ def evaluate_zero_shot(
                                      "organ masks) for organ classification and findings in organ chunks."),
     organ_chunk_slices: Optional[int] = typer.Option(None, "--organ-chunk-slices", min=1, help="Those chunks' "
                                                      "thickness (default: as in training; thicker tests longer inputs)."),
+    nonfinite: str = typer.Option("error", "--nonfinite", help=NONFINITE_HELP),
 ) -> None:
     """Zero-shot abnormality classification (CT-CLIP prompts), organ classification of chunks and findings in
     the chunks that show their organ."""
@@ -261,7 +309,7 @@ def evaluate_zero_shot(
 
     r = run_zero_shot(checkpoint, source, out, prompts=prompts, labels=labels.split(",") if labels else None,
                       aggregate=aggregate, chunk_slices=chunk_slices, split=split, organ_chunks_n=organ_chunks,
-                      organ_chunk_slices=organ_chunk_slices)
+                      organ_chunk_slices=organ_chunk_slices, nonfinite=_reads_volumes(nonfinite))
     for name, m in r["per_label"].items():
         typer.echo(f"{name:24s} AUROC {m['auc']:.3f}  ACC {m['acc']:.3f}  weighted F1 {m['weighted_f1']:.3f}")
     typer.echo(f"mean AUROC {r['mean_auc']:.3f} over {r['n_volumes']} volumes")
@@ -283,11 +331,12 @@ def evaluate_retrieval(
     checkpoint: Path = typer.Option(..., "--checkpoint", help="A SigVLP checkpoint or run folder."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for retrieval.json/.md."),
     split: Optional[str] = typer.Option(None, "--split", help="Only this split of the data."),
+    nonfinite: str = typer.Option("error", "--nonfinite", help=NONFINITE_HELP),
 ) -> None:
     """Volume -> report and report -> volume retrieval, recall@1/5/10/50/100."""
     from voxseq.tasks.eval_vlp import run_retrieval
 
-    r = run_retrieval(checkpoint, source, out, split=split)
+    r = run_retrieval(checkpoint, source, out, split=split, nonfinite=_reads_volumes(nonfinite))
     for d in ("volume_to_report", "report_to_volume"):
         typer.echo(f"{d:18s} " + "  ".join(f"{k} {v:.3f}" for k, v in r[d].items()))
     typer.echo(f"-> {out / 'retrieval.md'}")
@@ -298,11 +347,12 @@ def predict(
     files: List[Path] = typer.Argument(..., help="Volume files or DICOM folders, any size."),
     checkpoint: Path = typer.Option(..., "--checkpoint", help="A segmentation checkpoint or run folder."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: <input name>_seg.nii.gz per input."),
+    nonfinite: str = typer.Option("error", "--nonfinite", help=NONFINITE_HELP),
 ) -> None:
     """Segment new scans with a fine-tuned checkpoint; outputs keep each input's geometry."""
     from voxseq.tasks.finetune_seg import predict_files
 
-    for p in predict_files(checkpoint, list(files), out):
+    for p in predict_files(checkpoint, list(files), out, nonfinite=_reads_volumes(nonfinite)):
         typer.echo(f"wrote {p}")
 
 
@@ -322,6 +372,7 @@ def label_efficiency(
     """Fine-tune scratch and pretrained encoders over label ratios and seeds; table and plot."""
     from voxseq.tasks.experiments import run_label_efficiency
 
+    _reads_config_data()
     try:
         r_list = [float(x) for x in ratios.split(",")]
         s_list = [int(x) for x in seeds.split(",")]
@@ -347,6 +398,7 @@ def linear_probe(
     """Per-token linear probe (organ at each token's centre): pretrained versus random encoder, by layer."""
     from voxseq.tasks.experiments import run_token_probe
 
+    _reads_config_data()
     r = run_token_probe(config, init, out, list(overrides or []), window=window, layer=layer)
     typer.echo(f"layer {r['layer']}, " + ("whole volumes" if r["window_zyx"] is None else
                                          f"windows of {'x'.join(map(str, r['window_zyx']))} voxels"))
@@ -371,8 +423,10 @@ def embed(
                                "encoder was trained on (whole volumes for rotary / unknown encoders); whole: one "
                                "sequence per volume; or ZxYxX voxels, e.g. 16x64x64."),
     overlap: float = typer.Option(0.5, "--overlap", help="Fraction of a window shared by neighbouring windows."),
-    layer: Optional[str] = typer.Option(None, "--layer", help="Block N (1..depth), mean (of all blocks) or last "
-                                        "(the final normalised output; default)."),
+    layer: Optional[str] = typer.Option(None, "--layer", help="Block N (1..depth), mean (of all blocks) or last (the "
+                                        "final normalised output). Default: the middle block of AR-SSL4M pretraining "
+                                        "runs, last for every other checkpoint."),
+    nonfinite: str = typer.Option("error", "--nonfinite", help=NONFINITE_HELP),
 ) -> None:
     """Encoder features of volumes, with the checkpoint's own preprocessing."""
     import numpy as np
@@ -390,12 +444,13 @@ def embed(
     else:
         encoder, pre = random_encoder(random_init)
         meta = {}
+    _reads_volumes(nonfinite)
     window_zyx = resolve_window(window, meta, encoder.cfg.patch_size)
     chosen = parse_layer(default_layer(meta) if layer is None else layer, encoder.num_layers)
     typer.echo(f"layer {chosen}, " + ("whole volumes" if window_zyx is None else
                                       f"windows of {'x'.join(map(str, window_zyx))} voxels (overlap {overlap:g})"))
-    results = [embed_file(encoder, pre, f, per_token=per_token, window_zyx=window_zyx, layer=chosen, overlap=overlap)
-               for f in files]
+    results = [embed_file(encoder, pre, f, per_token=per_token, window_zyx=window_zyx, layer=chosen, overlap=overlap,
+                          nonfinite=nonfinite) for f in files]
     out.parent.mkdir(parents=True, exist_ok=True)
     if per_token:
         np.savez(out, features=results[0]["features"], voxel_ijk=results[0]["voxel_ijk"], path=str(files[0]))

@@ -4,6 +4,7 @@ overridden from the command line with dotted ``key=value`` pairs (``model.depth=
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import types
 import typing
@@ -107,7 +108,10 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
     unknown = set(data) - names
     if unknown:
         prefix = f"{where}." if where else ""
-        raise VoxseqError(f"unknown config field(s) {', '.join(prefix + u for u in sorted(unknown))} "
+        near = {u: m[0] for u in sorted(unknown) if (m := difflib.get_close_matches(u, names, n=1, cutoff=0.6))}
+        hint = ", ".join(prefix + m + ("" if len(unknown) == 1 else f" for {prefix + u}") for u, m in near.items())
+        hint = f"; did you mean {hint}?" if hint else ""
+        raise VoxseqError(f"unknown config field(s) {', '.join(prefix + u for u in sorted(unknown))}{hint} "
                           f"(known: {', '.join(sorted(names))})")
     kwargs = {k: _coerce(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
     return cls(**kwargs)

@@ -276,6 +276,7 @@ class PrepareSummary:
     skipped: list[dict[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     bytes_written: int = 0
+    warnings: list[str] = field(default_factory=list)  # one line each, for the user to see
 
     @property
     def volumes_per_s(self) -> float:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from voxseq import VoxseqError
-from voxseq.io.volume import Volume, VolumeReadError, orientation_code
+from voxseq.io.volume import Volume, VolumeReadError, max_volume_bytes, orientation_code
 
 # HU windows per task (REFERENCE.md): name -> (low, high).
 CT_WINDOWS: dict[str, tuple[float, float]] = {
@@ -122,6 +122,7 @@ def resample(vol: Volume, spacing_xyz: list[float] | tuple[float, ...], is_label
         return vol
     old_size = np.array(vol.size_xyz, dtype=float)
     new_size = [max(1, int(round(s))) for s in old_size * np.array(vol.spacing) / np.array(spacing_xyz)]
+    check_resampled_size(vol, spacing_xyz, new_size, vol.array.itemsize if is_label else 4)
     interp = sitk.sitkNearestNeighbor if is_label else sitk.sitkLinear
     out = []
     for img in _channels_sitk(vol):
@@ -130,6 +131,34 @@ def resample(vol: Volume, spacing_xyz: list[float] | tuple[float, ...], is_label
         out.append(sitk.Resample(img, new_size, sitk.Transform(), interp, img.GetOrigin(), list(spacing_xyz),
                                  img.GetDirection(), 0, img.GetPixelID()))
     return _from_channels(out, vol)
+
+
+def resample_limit_bytes() -> int:
+    """The most bytes a resampled volume may take: the ``VOXSEQ_MAX_VOLUME_BYTES`` setting (4 GiB, the
+    bound on what a file header may claim), or half the memory available now if that is less."""
+    limit = max_volume_bytes()
+    try:
+        import psutil
+
+        limit = min(limit, psutil.virtual_memory().available // 2)
+    except Exception:  # noqa: BLE001 - no memory figure: the setting alone
+        pass
+    return int(limit)
+
+
+def check_resampled_size(vol: Volume, spacing_xyz, new_size_xyz: list[int], itemsize: int) -> None:
+    """Refuse, before ITK allocates it, a resampled grid too large for memory (a file whose header gives
+    metres where millimetres were meant, say): one line naming the file, its spacing and the size."""
+    nbytes = int(np.prod(new_size_xyz, dtype=object)) * vol.channels * itemsize
+    limit = resample_limit_bytes()
+    if nbytes <= limit:
+        return
+    path = vol.meta.get("path", "volume")
+    mm = lambda xs: "(" + ", ".join(f"{float(x):g}" for x in xs) + ")"  # noqa: E731
+    raise VolumeReadError(path, f"spacing {mm(vol.spacing)} mm, size {vol.size_xyz}: resampling to {mm(spacing_xyz)} mm "
+                                f"would need size {tuple(new_size_xyz)} ({nbytes / 2**30:.4g} GiB), over the "
+                                f"{limit / 2**30:.3g} GiB limit (VOXSEQ_MAX_VOLUME_BYTES, or half the available "
+                                f"memory); check the file's spacing, or choose a coarser target spacing")
 
 
 def crop_zyx(vol: Volume, start_zyx: list[int], stop_zyx: list[int]) -> Volume:

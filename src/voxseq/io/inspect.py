@@ -39,6 +39,7 @@ def volume_info(path: str | os.PathLike) -> dict[str, Any]:
         "size_xyz": [int(s) for s in m.get("source_size_xyz", v.size_xyz)],
         "spacing_xyz": [float(s) for s in m.get("source_spacing_xyz", v.spacing)],
         "origin_xyz": [float(o) for o in m.get("source_origin_xyz", v.origin)],
+        "direction": [float(x) for x in m.get("source_direction", v.direction)],  # 3x3, row-major, as ITK stores it
         "orientation": m.get("source_orientation", v.orientation),
         "canonical_orientation": v.orientation,
         "channels": v.channels,

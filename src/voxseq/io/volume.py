@@ -59,6 +59,8 @@ NUMPY_SUFFIXES = (".npy", ".npz")
 HDF5_SUFFIXES = (".h5", ".hdf5")
 CONTAINER_SUFFIXES = (".npz",) + HDF5_SUFFIXES  # files whose arrays `<file>::<member>[<index>]` addresses
 VOLUME_SUFFIXES = ITK_SUFFIXES + NUMPY_SUFFIXES + HDF5_SUFFIXES
+# How the NaN/Inf error says to replace them; the command line names its own flag in its place.
+NONFINITE_ADVICE = "nonfinite='zero'"
 _MEMBER = re.compile(r"^(?P<key>[^\[\]]+?)(?:\[(?P<index>-?\d+)\])?$")
 
 
@@ -324,14 +326,23 @@ def _read_itk(path: Path, fmt: str) -> Volume:
         except RuntimeError as e:
             failure = e
     if failure is not None:  # ITK's exception, and the last line its C libraries printed
-        cause = _first_itk_line(failure) + (f"; {printed[-1][:200]}" if printed else "")
+        cause = _first_itk_line(failure, path) + (f"; {' '.join(printed[-2:])[:200]}" if printed else "")
         raise VolumeReadError(path, f"{stage} ({cause})") from None
     return volume
 
 
-def _first_itk_line(e: Exception) -> str:
-    """ITK exceptions span many lines; keep the one that says what went wrong."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+_ITK_PREFIX = re.compile(r"^ITK ERROR: \w+\(0x[0-9a-fA-F]+\):\s*")
+
+
+def _first_itk_line(e: Exception, path: str | os.PathLike | None = None) -> str:
+    """ITK exceptions span many lines; keep the one that says what went wrong.
+
+    ITK ends some messages with ``Reason: <the C library's last errno text>``, left over from an
+    unrelated call ("No such file or directory" about a file that is there): dropped when ``path`` exists.
+    """
+    lines = [_ITK_PREFIX.sub("", ln.strip()) for ln in str(e).splitlines() if ln.strip()]
+    if path is not None and os.path.exists(path):
+        lines = [ln for ln in lines if not ln.startswith("Reason:")] or lines
     for ln in lines:
         if "Description:" in ln:
             return ln.split("Description:", 1)[1].strip()
@@ -376,7 +387,7 @@ def _read_dicom_series(folder: Path, series_uid: str | None = None) -> Volume:
         try:
             r.ReadImageInformation()
         except RuntimeError as e:
-            raise VolumeReadError(f, f"unreadable DICOM slice ({_first_itk_line(e)})") from None
+            raise VolumeReadError(f, f"unreadable DICOM slice ({_first_itk_line(e, f)})") from None
         sizes.add(tuple(r.GetSize()[:2]))
     if len(sizes) > 1:
         raise VolumeReadError(folder, f"DICOM series {uid} mixes slice sizes {sorted(sizes)}")
@@ -387,7 +398,7 @@ def _read_dicom_series(folder: Path, series_uid: str | None = None) -> Volume:
     try:
         img = reader.Execute()  # applies Rescale Slope / Intercept
     except RuntimeError as e:
-        raise VolumeReadError(folder, f"cannot read DICOM series {uid} ({_first_itk_line(e)})") from None
+        raise VolumeReadError(folder, f"cannot read DICOM series {uid} ({_first_itk_line(e, folder)})") from None
     tags = {}
     for key, name in (("0008|0060", "modality"), ("0020|000e", "series_uid"), ("0008|103e", "series_description")):
         if reader.HasMetaDataKey(0, key):
@@ -396,7 +407,7 @@ def _read_dicom_series(folder: Path, series_uid: str | None = None) -> Volume:
     try:
         return _from_sitk(img, folder, "DICOM", extra)
     except RuntimeError as e:
-        raise VolumeReadError(folder, f"cannot be used as a volume ({_first_itk_line(e)})") from None
+        raise VolumeReadError(folder, f"cannot be used as a volume ({_first_itk_line(e, folder)})") from None
 
 
 def parse_volume_path(path: str | os.PathLike) -> tuple[Path, str | None, int | None]:
@@ -547,7 +558,7 @@ def _check_finite(volume: Volume, path: str | Path, nonfinite: str) -> None:
     if n == 0:
         return
     if nonfinite == "error":
-        raise VolumeReadError(path, f"contains {n} NaN/Inf voxels (use nonfinite='zero' to replace them)")
+        raise VolumeReadError(path, f"contains {n} NaN/Inf voxels (use {NONFINITE_ADVICE} to replace them with 0)")
     a = np.array(a, copy=True)
     a[bad] = 0
     volume.array = a

@@ -28,7 +28,8 @@ class PhantomConfig:
 class DataConfig:
     """``cache``: a cache folder to use (built here when missing); default ``RUN_DIR/cache``.
     ``source``: a manifest (.jsonl), CSV or dataset folder to prepare; ``phantoms`` and ``samples``
-    add synthetic phantoms and the bundled real sample volumes."""
+    add synthetic phantoms and the bundled real sample volumes. ``nonfinite``: ``error`` refuses volumes
+    with NaN/Inf voxels, ``zero`` replaces those voxels with 0 (as ``prepare --nonfinite``)."""
 
     cache: str | None = None
     source: str | None = None
@@ -38,6 +39,11 @@ class DataConfig:
     preprocess: Preprocess = field(default_factory=Preprocess)
     workers: int = 2  # prepare processes
     loader_workers: int = 0  # DataLoader worker processes
+    nonfinite: str = "error"  # NaN/Inf voxels: error (refuse the volume) or zero (replace them with 0)
+
+    def __post_init__(self) -> None:
+        if self.nonfinite not in ("error", "zero"):
+            raise VoxseqError(f"data.nonfinite must be error or zero, not {self.nonfinite!r}")
 
 
 def repo_path(relative: str) -> Path:
@@ -101,7 +107,7 @@ def ensure_cache(cfg: DataConfig, run_dir: Path, progress: bool = True) -> Path:
                 f"{', ...' if len(extra) > 3 else ''}); preparing it again would drop them from its index. To train on "
                 "the cache as it is, set data.phantoms.n_ct=0 data.phantoms.n_mri=0 data.samples=false data.source=null; "
                 "or give another data.cache folder")
-    prepare_cache(records, path, cfg.preprocess, workers=cfg.workers, progress=progress)
+    prepare_cache(records, path, cfg.preprocess, workers=cfg.workers, nonfinite=cfg.nonfinite, progress=progress)
     return path
 
 

@@ -135,13 +135,14 @@ def token_centres_in_source(grid_zyx: Sequence[int], patch: int, pre: Volume, so
 @torch.no_grad()
 def embed_file(encoder: ViT3D, pre_cfg: Preprocess, path: str | Path, per_token: bool = False,
                spacing: Sequence[float] | None = None, window_zyx: Sequence[int] | None = None,
-               layer: Layer = "last", overlap: float = 0.5) -> dict[str, np.ndarray]:
+               layer: Layer = "last", overlap: float = 0.5,
+               nonfinite: str = "error") -> dict[str, np.ndarray]:
     """Features of one file: ``features`` (E,) mean over tokens, or with ``per_token`` (N, E) plus
     ``voxel_ijk`` (N, 3), keeping tokens whose centre lies inside the file's grid.
 
     ``window_zyx`` (voxels) embeds through overlapping windows of that size (None: the whole volume
     as one sequence); ``layer`` picks the block (see ``voxseq.models.features``)."""
-    source = read_volume(path, spacing=spacing)
+    source = read_volume(path, spacing=spacing, nonfinite=nonfinite)
     image, _ = pre_cfg(source)
     p = encoder.cfg.patch_size
     arr = image.array if image.array.ndim == 4 else image.array[None]

@@ -40,9 +40,10 @@ ORGAN_TEMPLATE = "The {}."
 # ---------------------------------------------------------------------------- data and embeddings
 
 
-def evaluation_cache(source: str | Path, out: Path, meta: dict[str, Any], split: str | None) -> Cache:
+def evaluation_cache(source: str | Path, out: Path, meta: dict[str, Any], split: str | None,
+                     nonfinite: str = "error") -> Cache:
     """A cache of ``source`` with the checkpoint's preprocessing: an existing cache folder (checked to match)
-    or a manifest / dataset folder prepared into ``out/cache``."""
+    or a manifest / dataset folder prepared into ``out/cache`` (``nonfinite`` as in ``read_volume``)."""
     from voxseq.tasks.prepare import load_records
 
     pre = meta.get("preprocess", {})
@@ -55,19 +56,19 @@ def evaluation_cache(source: str | Path, out: Path, meta: dict[str, Any], split:
     else:
         from voxseq.data.preprocess import Preprocess
 
-        prepare_cache(load_records(source), out / "cache", from_dict(Preprocess, pre))
+        prepare_cache(load_records(source), out / "cache", from_dict(Preprocess, pre), nonfinite=nonfinite)
         cache = Cache(out / "cache", split=split)
     if len(cache) == 0:
         raise VoxseqError(f"{source}: no volumes{f' in split {split!r}' if split else ''} to evaluate")
     return cache
 
 
-def load_for_evaluation(checkpoint, source, out: Path, split: str | None):
+def load_for_evaluation(checkpoint, source, out: Path, split: str | None, nonfinite: str = "error"):
     """(model, tokenizer, text max length, checkpoint metadata, evaluation cache); creates ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     model, _, meta = vlp_from_checkpoint(checkpoint)
     max_len = meta["config"].get("text_max_length") or model.cfg.text_max_length
-    return model, load_tokenizer(model.cfg.text_model), max_len, meta, evaluation_cache(source, out, meta, split)
+    return model, load_tokenizer(model.cfg.text_model), max_len, meta, evaluation_cache(source, out, meta, split, nonfinite)
 
 
 def _pad_value(meta: dict[str, Any]) -> float:
@@ -217,14 +218,14 @@ def finding_classification(model: SigVLP, tokenizer, items: list[dict[str, Any]]
 def run_zero_shot(checkpoint: str | Path, source: str | Path, out: str | Path, *, prompts: str | Path | None = None,
                   labels: list[str] | None = None, aggregate: str = "volume", chunk_slices: int = 32,
                   split: str | None = None, organ_chunks_n: int = 200, organ_chunk_slices: int | None = None,
-                  organ_template: str = ORGAN_TEMPLATE) -> dict[str, Any]:
+                  organ_template: str = ORGAN_TEMPLATE, nonfinite: str = "error") -> dict[str, Any]:
     """Zero-shot abnormality (and organ) classification; writes zero_shot.json, zero_shot.md, roc.png."""
     from voxseq.eval.metrics import multilabel_report
 
     if aggregate not in ("volume", "chunks"):
         raise VoxseqError(f"aggregate must be volume or chunks, not {aggregate!r}")
     out = Path(out)
-    model, tokenizer, max_len, meta, cache = load_for_evaluation(checkpoint, source, out, split)
+    model, tokenizer, max_len, meta, cache = load_for_evaluation(checkpoint, source, out, split, nonfinite)
     entries = [cache.entry(i) for i in range(len(cache))]
     pairs = load_prompts(prompts, labels or sorted({k for e in entries for k in e.get("classes", {})}))
     names = [n for n in (labels or list(pairs)) if any(n in e.get("classes", {}) for e in entries)]
@@ -313,12 +314,12 @@ def plot_roc(truth: np.ndarray, scores: np.ndarray, names: list[str], path: Path
 
 
 def run_retrieval(checkpoint: str | Path, source: str | Path, out: str | Path, *, split: str | None = None,
-                  ks: tuple[int, ...] = (1, 5, 10, 50, 100)) -> dict[str, Any]:
+                  ks: tuple[int, ...] = (1, 5, 10, 50, 100), nonfinite: str = "error") -> dict[str, Any]:
     """Volume -> report and report -> volume recall@k; writes retrieval.json and retrieval.md."""
     from voxseq.eval.metrics import retrieval_report
 
     out = Path(out)
-    model, tokenizer, max_len, meta, cache = load_for_evaluation(checkpoint, source, out, split)
+    model, tokenizer, max_len, meta, cache = load_for_evaluation(checkpoint, source, out, split, nonfinite)
     rows = [i for i in range(len(cache)) if (cache.entry(i).get("text") or "").strip()]
     if len(rows) < 2:
         raise VoxseqError(f"{source}: retrieval needs at least two volumes with a report (text)")

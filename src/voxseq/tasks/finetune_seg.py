@@ -244,8 +244,9 @@ def load_seg_model(checkpoint: str | Path) -> tuple[UNETR3D, Preprocess, dict[st
     return model, from_dict(Preprocess, ck.meta["preprocess"]), ck.meta
 
 
-def predict_files(checkpoint: str | Path, files: list[Path], out_dir: str | Path) -> list[Path]:
-    """Segment each file with the checkpoint's preprocessing; ``<name>_seg.nii.gz`` in the file's geometry."""
+def predict_files(checkpoint: str | Path, files: list[Path], out_dir: str | Path, nonfinite: str = "error") -> list[Path]:
+    """Segment each file with the checkpoint's preprocessing; ``<name>_seg.nii.gz`` in the file's geometry.
+    ``nonfinite``: ``"error"`` refuses NaN/Inf voxels, ``"zero"`` replaces them with 0 (as in ``read_volume``)."""
     import SimpleITK as sitk
 
     from voxseq.io.volume import read_volume
@@ -257,7 +258,7 @@ def predict_files(checkpoint: str | Path, files: list[Path], out_dir: str | Path
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for f in files:
-        source = read_volume(f)
+        source = read_volume(f, nonfinite=nonfinite)
         image, _ = pre(source)
         arr = image.array if image.array.ndim == 4 else image.array[None]
         pred = sliding_predict(model, arr, roi, overlap)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from voxseq import VoxseqError
@@ -51,5 +52,23 @@ def run_prepare(source: str | Path, out: str | Path, *, config=None, adapter=Non
     records = load_records(source, adapter)
     if not records:
         raise VoxseqError(f"{source}: no volumes found")
-    return prepare_cache(records, out, cfg, workers=workers, on_error=on_error, nonfinite=nonfinite,
-                         overwrite=overwrite, verify=verify, repair=repair, progress=progress)
+    summary = prepare_cache(records, out, cfg, workers=workers, on_error=on_error, nonfinite=nonfinite,
+                            overwrite=overwrite, verify=verify, repair=repair, progress=progress)
+    if cfg.intensity == "window":
+        summary.warnings += window_warnings(Path(out), cfg)
+    return summary
+
+
+def window_warnings(out: Path, cfg: Preprocess) -> list[str]:
+    """A CT window applied to volumes that are not CT in HU (no voxel below 0: MRI, most likely) turns them
+    into noise; name them, since the window is the user's choice for the whole folder."""
+    index = out / "index.jsonl"
+    entries = [json.loads(line) for line in index.read_text(encoding="utf-8").splitlines() if line.strip()] \
+        if index.is_file() else []
+    odd = [e["id"] for e in entries if e.get("raw_range") and e["raw_range"][0] >= 0]
+    if not odd:
+        return []
+    what = f"--window {cfg.window}" if cfg.window and cfg.hu_range is None and cfg.hu_windows is None else "the CT window"
+    names = ", ".join(odd[:5]) + (f", ... ({len(odd) - 5} more)" if len(odd) > 5 else "")
+    return [f"{len(odd)} of {len(entries)} volume(s) have no voxel below 0, so are not CT in HU (MRI?), yet "
+            f"{what} (a CT window) was applied to them: {names}; give them a cache of their own, without a CT window"]
