@@ -211,3 +211,25 @@ def test_chunks_pair_with_the_regions_they_show(tmp_path):
         assert it["sentence_keys"] == [sentence_key(rec.sentences[o]) for o in expected]
         seen.add(tuple(expected))
     assert seen == {("lung",), ("heart",), ("lung", "heart")}
+
+
+def test_label_map_merges_and_drops_classes(tmp_path):
+    """data.label_map relabels what the cache returns (values not listed -> 0); the files stay as written."""
+    from voxseq.tasks.data import DataConfig, open_cache
+
+    lab = np.zeros((8, 8, 8), np.uint8)
+    lab[0], lab[1], lab[2], lab[3] = 1, 2, 3, 7
+    img = sitk.GetImageFromArray(np.random.default_rng(0).random((8, 8, 8)).astype(np.float32))
+    sitk.WriteImage(img, str(tmp_path / "i.nii.gz"))
+    sitk.WriteImage(sitk.GetImageFromArray(lab), str(tmp_path / "l.nii.gz"))
+    prepare_cache([Record(id="v", images={"image": str(tmp_path / "i.nii.gz")}, label=str(tmp_path / "l.nii.gz"))],
+                  tmp_path / "c", Preprocess(intensity="none"), workers=1, progress=False)
+    cfg = DataConfig(label_map={"2": "1", 3: 1, 7: 2})  # string keys, as read back from JSON metadata
+    assert cfg.label_map == {2: 1, 3: 1, 7: 2}
+    mapped = open_cache(tmp_path / "c", None, cfg.label_map).label(0)
+    assert [int(mapped[z].max()) for z in range(5)] == [0, 1, 1, 2, 0] and mapped.dtype == np.uint8
+    assert np.array_equal(open_cache(tmp_path / "c", None).label(0), lab)  # no map: the cached labels
+    with pytest.raises(VoxseqError, match="label_map"):
+        DataConfig(label_map={1: 300})
+    with pytest.raises(VoxseqError, match="label_map"):
+        DataConfig(label_map={"lung": 1})

@@ -488,8 +488,14 @@ class Cache:
     :class:`VoxseqError` naming it, instead of numpy's error or silently wrong voxels.
     """
 
-    def __init__(self, path: str | os.PathLike, split: str | None = None, max_open: int = 64, verify: bool = False):
+    def __init__(self, path: str | os.PathLike, split: str | None = None, max_open: int = 64, verify: bool = False,
+                 label_map: dict[int, int] | None = None):
         self.path = Path(path)
+        self._label_lut = None  # uint8 look-up table: label value -> mapped value (values not listed -> 0)
+        if label_map:
+            self._label_lut = np.zeros(256, np.uint8)
+            for k, v in label_map.items():
+                self._label_lut[int(k)] = int(v)
         index = self.path / "index.jsonl"
         if not index.is_file():
             raise VoxseqError(f"{self.path}: not a voxseq cache (no index.jsonl); build one with `voxseq prepare`")
@@ -535,7 +541,11 @@ class Cache:
         return self._map(i, "image.npy")
 
     def label(self, i: int) -> np.ndarray | None:
-        return self._map(i, "label.npy") if self.entries[i].get("has_label") else None
+        """uint8 (Z, Y, X) labels (a memmap; an array when relabelled through ``label_map``), or None."""
+        if not self.entries[i].get("has_label"):
+            return None
+        lab = self._map(i, "label.npy")
+        return lab if self._label_lut is None else self._label_lut[lab]
 
     def regions(self, i: int) -> np.ndarray | None:
         """uint32 (Z, Y, X) memmap of region bits (bit r = region ``entry(i)["regions"][r]``), or None."""

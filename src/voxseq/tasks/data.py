@@ -40,10 +40,18 @@ class DataConfig:
     workers: int = 2  # prepare processes
     loader_workers: int = 0  # DataLoader worker processes
     nonfinite: str = "error"  # NaN/Inf voxels: error (refuse the volume) or zero (replace them with 0)
+    # relabel when labels are read, {value: new value}, to merge or drop classes; values not listed become 0
+    label_map: dict[int, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.nonfinite not in ("error", "zero"):
             raise VoxseqError(f"data.nonfinite must be error or zero, not {self.nonfinite!r}")
+        try:  # keys come back as strings from JSON checkpoint metadata
+            self.label_map = {int(k): int(v) for k, v in self.label_map.items()}
+        except (TypeError, ValueError):
+            raise VoxseqError(f"data.label_map must map label values to label values, not {self.label_map!r}") from None
+        if any(not 0 <= v <= 255 for kv in self.label_map.items() for v in kv):
+            raise VoxseqError(f"data.label_map values must be label values 0..255, not {self.label_map!r}")
 
 
 def repo_path(relative: str) -> Path:
@@ -111,8 +119,9 @@ def ensure_cache(cfg: DataConfig, run_dir: Path, progress: bool = True) -> Path:
     return path
 
 
-def open_cache(path: Path, split: str | None) -> Cache:
-    cache = Cache(path, split=split)
+def open_cache(path: Path, split: str | None, label_map: dict[int, int] | None = None) -> Cache:
+    """The cache at ``path`` (one split or all); ``label_map`` relabels what ``label(i)`` returns."""
+    cache = Cache(path, split=split, label_map=label_map)
     if len(cache) == 0:
         raise VoxseqError(f"{path}: no volumes{f' in split {split!r}' if split else ''}")
     return cache

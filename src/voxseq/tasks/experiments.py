@@ -158,7 +158,7 @@ def run_token_probe(config: str | Path, init: str | Path, out: str | Path, overr
     headline = parse_layer(default_layer(meta) if layer is None else layer, pretrained.num_layers)
     cfg.data.preprocess = pre
     ensure_cache(cfg.data, out, progress)
-    cache = open_cache(Path(cfg.data.cache) if cfg.data.cache else out / "cache", None)
+    cache = open_cache(Path(cfg.data.cache) if cfg.data.cache else out / "cache", None, cfg.data.label_map)
     labelled = [i for i in range(len(cache)) if cache.entry(i).get("has_label")]
     train = [i for i in labelled if cache.entry(i)["split"] == "train"]
     test = [i for i in labelled if cache.entry(i)["split"] in cfg.eval_splits]

@@ -103,7 +103,7 @@ def run_finetune_cls(cfg: ClsConfig, out: str | Path, init: str | None = None, p
         how = f"encoder from {ck.path.name}: {len(rep.loaded)} tensors loaded"
     cfg.model = vit
     ensure_cache(cfg.data, run_dir, progress)
-    cache = open_cache(Path(cfg.data.cache) if cfg.data.cache else run_dir / "cache", None)
+    cache = open_cache(Path(cfg.data.cache) if cfg.data.cache else run_dir / "cache", None, cfg.data.label_map)
     have = [i for i in range(len(cache)) if cfg.label_key in cache.entry(i).get("classes", {})]
     if not have:
         raise VoxseqError(f"no cached volume has the class {cfg.label_key!r} (manifest `classes`)")

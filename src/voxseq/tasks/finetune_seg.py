@@ -150,7 +150,7 @@ def run_finetune_seg(cfg: SegConfig, out: str | Path, init: str | None = None, p
         raise VoxseqError(f"roi_zyx {cfg.roi_zyx} must be multiples of the patch size {model.encoder.cfg.patch_size}")
     cfg.model = model.encoder.cfg
     ensure_cache(cfg.data, run_dir, progress)
-    cache = open_cache(Path(cfg.data.cache) if cfg.data.cache else run_dir / "cache", None)
+    cache = open_cache(Path(cfg.data.cache) if cfg.data.cache else run_dir / "cache", None, cfg.data.label_map)
     labelled = [i for i in range(len(cache)) if cache.entry(i).get("has_label")]
     if not labelled:
         raise VoxseqError("no labelled volumes in the cache: segmentation needs labels")
@@ -217,7 +217,7 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "val", out: str | P
     cfg = from_dict(SegConfig, meta["config"])
     ck_path = load_checkpoint(checkpoint).path
     run_dir = ck_path.parent.parent
-    cache = open_cache(Path(cfg.data.cache) if cfg.data.cache else run_dir / "cache", None)
+    cache = open_cache(Path(cfg.data.cache) if cfg.data.cache else run_dir / "cache", None, cfg.data.label_map)
     wanted = set(meta.get(f"{split}_ids", [])) or {cache.entry(i)["id"] for i in range(len(cache))
                                                     if cache.entry(i)["split"] == split}
     indices = [i for i in range(len(cache)) if cache.entry(i)["id"] in wanted and cache.entry(i).get("has_label")]
