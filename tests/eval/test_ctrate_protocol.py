@@ -73,6 +73,8 @@ def test_binary_report_at_the_youden_point_by_hand():
     single = binary_report([0, 0, 0], [0.2, 0.6, 0.9], "fixed", 0.7, resamples=50)
     assert math.isnan(single["auc"]) and math.isnan(single["sensitivity"]) and "note" in single
     assert single["threshold"] == 0.7 and single["acc"] == pytest.approx(2 / 3) and "auc_ci" not in single
+    assert single["precision"] == 0.0  # 0.9 predicted positive, wrongly
+    assert math.isnan(binary_report([0, 0, 0], [0.2, 0.6, 0.9], "fixed", 0.95)["precision"])  # nothing predicted
 
 
 def test_bootstrap_indices_are_fixed_by_the_seed():

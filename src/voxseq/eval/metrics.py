@@ -106,12 +106,13 @@ def operating_threshold(labels: np.ndarray, scores: np.ndarray, rule: str = "you
 
 def threshold_metrics(labels: np.ndarray, pred: np.ndarray) -> dict[str, float]:
     """Accuracy, weighted F1, precision (of the positive class), sensitivity and specificity of 0/1
-    predictions; sensitivity (specificity) is NaN without positives (negatives) to find."""
+    predictions; precision is NaN when nothing is predicted positive, sensitivity (specificity) when there
+    is no positive (negative) to find."""
     labels, pred = np.asarray(labels).astype(int).ravel(), np.asarray(pred).astype(int).ravel()
     positives = int(labels.sum())
     return {"acc": float((pred == labels).mean()),
             "weighted_f1": float(f1_score(labels, pred, average="weighted", zero_division=0)),
-            "precision": float(precision_score(labels, pred, zero_division=0)),
+            "precision": float(precision_score(labels, pred, zero_division=np.nan)),
             "sensitivity": float(recall_score(labels, pred)) if positives else float("nan"),
             "specificity": float(recall_score(labels, pred, pos_label=0)) if positives < labels.size else float("nan")}
 
@@ -159,7 +160,7 @@ def bootstrap_draws(labels: np.ndarray, scores: np.ndarray, thresholds: Sequence
         precision, sens, f1_pos, spec, f1_neg = _per_label_prfs(y, p)
         out["acc"][b] = (p == y).mean(axis=0)
         out["weighted_f1"][b] = (f1_pos * pos + f1_neg * (n - pos)) / n  # scikit-learn's average="weighted"
-        out["precision"][b] = precision
+        out["precision"][b] = np.where(p.sum(axis=0) > 0, precision, np.nan)
         out["sensitivity"][b] = np.where(pos > 0, sens, np.nan)
         out["specificity"][b] = np.where(pos < n, spec, np.nan)
     return out
