@@ -287,10 +287,11 @@ def evaluate(
 def evaluate_zero_shot(
     source: Path = typer.Argument(..., help="Volumes with class labels: a manifest (.jsonl), dataset folder or cache."),
     checkpoint: Path = typer.Option(..., "--checkpoint", help="A SigVLP checkpoint or run folder."),
-    out: Path = typer.Option(..., "--out", "-o", help="Folder for zero_shot.json/.md and roc.png."),
-    prompts: Optional[Path] = typer.Option(None, "--prompts", help="YAML: label -> [present prompt, absent prompt, organ (optional)] "
-                                           "(default: '<Label> is present.' / '<Label> is not present.'). Labels "
-                                           "with an organ are also scored on the chunks showing that organ."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for zero_shot.json/.md, roc.png and zero_shot_predictions.csv "
+                             "(one row per volume: id, P(present) per label, the labels)."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="YAML: label -> [present prompt, absent prompt, organ (optional)]; "
+                                           "a side may be a list of prompts, averaged (default: CT-CLIP's '<label>.' / "
+                                           "'not <label>.'). Labels with an organ are also scored on the chunks showing that organ."),
     labels: Optional[str] = typer.Option(None, "--labels", help="Comma-separated labels (default: all in the prompts/data)."),
     aggregate: str = typer.Option("volume", "--aggregate", help="volume: one embedding per whole volume; chunks: "
                                   "the highest score over z-chunks (and over in-plane tiles of the training crop when the model "
@@ -302,17 +303,30 @@ def evaluate_zero_shot(
     organ_chunk_slices: Optional[int] = typer.Option(None, "--organ-chunk-slices", min=1, help="Those chunks' "
                                                      "thickness (default: as in training; thicker tests longer inputs)."),
     nonfinite: str = typer.Option("error", "--nonfinite", help=NONFINITE_HELP),
+    operating_point: str = typer.Option("youden", "--operating-point", help="Where ACC / weighted F1 / precision are "
+                                        "taken, per label: youden (maximum sensitivity + specificity - 1), corner (the ROC "
+                                        "point closest to (0, 1)), or a number (a fixed threshold on P(present))."),
+    bootstrap: int = typer.Option(1000, "--bootstrap", min=0, help="Resamples of the volumes for the 95% intervals "
+                                  "(fixed seed; 0: none)."),
 ) -> None:
-    """Zero-shot abnormality classification (CT-CLIP prompts), organ classification of chunks and findings in
-    the chunks that show their organ."""
-    from voxseq.tasks.eval_vlp import run_zero_shot
+    """Zero-shot abnormality classification (the CT-RATE protocol: CT-CLIP prompts, AUROC, Youden's J operating
+    point, bootstrap intervals, per-volume CSV), organ classification of chunks and findings in the chunks that
+    show their organ."""
+    from voxseq.tasks.eval_vlp import parse_operating_point, run_zero_shot
 
+    parse_operating_point(operating_point)  # a bad value is said before any volume is read
     r = run_zero_shot(checkpoint, source, out, prompts=prompts, labels=labels.split(",") if labels else None,
                       aggregate=aggregate, chunk_slices=chunk_slices, split=split, organ_chunks_n=organ_chunks,
-                      organ_chunk_slices=organ_chunk_slices, nonfinite=_reads_volumes(nonfinite))
+                      organ_chunk_slices=organ_chunk_slices, nonfinite=_reads_volumes(nonfinite),
+                      operating_point=operating_point, bootstrap=bootstrap)
+
+    def ci(m, key):
+        return f" [{m[key][0]:.3f}, {m[key][1]:.3f}]" if key in m else ""
+
     for name, m in r["per_label"].items():
-        typer.echo(f"{name:24s} AUROC {m['auc']:.3f}  ACC {m['acc']:.3f}  weighted F1 {m['weighted_f1']:.3f}")
-    typer.echo(f"mean AUROC {r['mean_auc']:.3f} over {r['n_volumes']} volumes")
+        typer.echo(f"{name:24s} AUROC {m['auc']:.3f}{ci(m, 'auc_ci')}  ACC {m['acc']:.3f}  "
+                   f"weighted F1 {m['weighted_f1']:.3f}  precision {m['precision']:.3f}")
+    typer.echo(f"mean AUROC {r['mean_auc']:.3f}{ci(r, 'mean_auc_ci')} over {r['n_volumes']} volumes")
     if "organ_classification" in r:
         o = r["organ_classification"]
         typer.echo(f"organ classification: top-1 {o['top1_accuracy']:.3f} (chance {o['top1_chance']:.3f}, "
@@ -333,12 +347,14 @@ def evaluate_retrieval(
     split: Optional[str] = typer.Option(None, "--split", help="Only this split of the data."),
     nonfinite: str = typer.Option("error", "--nonfinite", help=NONFINITE_HELP),
 ) -> None:
-    """Volume -> report and report -> volume retrieval, recall@1/5/10/50/100."""
+    """Volume -> report and report -> volume retrieval, recall@1/5/10/50/100; volume -> volume MAP@k over the
+    binary labels every volume carries (relevant: sharing a positive label)."""
     from voxseq.tasks.eval_vlp import run_retrieval
 
     r = run_retrieval(checkpoint, source, out, split=split, nonfinite=_reads_volumes(nonfinite))
-    for d in ("volume_to_report", "report_to_volume"):
-        typer.echo(f"{d:18s} " + "  ".join(f"{k} {v:.3f}" for k, v in r[d].items()))
+    for d in ("volume_to_report", "report_to_volume", "volume_to_volume"):
+        if d in r:
+            typer.echo(f"{d:18s} " + "  ".join(f"{k} {v:.3f}" for k, v in r[d].items()))
     typer.echo(f"-> {out / 'retrieval.md'}")
 
 

@@ -153,17 +153,28 @@ def test_zero_shot_retrieval_embed_and_finetune_take_the_checkpoint(tmp_path, tr
         assert m["n"] >= m["positives"] and m["volumes"] <= 4 and (np.isnan(m["auc"]) or 0.0 <= m["auc"] <= 1.0)
     assert (out / "roc.png").is_file() and "Zero-shot abnormality" in (out / "zero_shot.md").read_text()
     assert "findings in organ chunks" in (out / "zero_shot.md").read_text()
+    # the CT-RATE protocol: Youden operating point, 1000 bootstrap resamples, one CSV row per volume by its id
+    assert r["rule"] == "youden" and r["bootstrap"]["resamples"] == 1000 and r["predictions"] == "zero_shot_predictions.csv"
+    assert len(r["ids"]) == 4 and 0.0 < r["temperature"] < 1.0
+    for m in r["per_label"].values():
+        assert "precision" in m and ("note" in m or m["auc_ci"][0] <= m["auc"] <= m["auc_ci"][1])
+    rows = (out / "zero_shot_predictions.csv").read_text().splitlines()
+    assert rows[0].split(",")[:2] == ["id", "lung nodule"] and [row.split(",")[0] for row in rows[1:]] == r["ids"]
     assert main(["evaluate", "zero-shot", "--checkpoint", str(trained), "--aggregate", "chunks", "--chunk-slices", "8",
                  "--labels", "liver lesion", "--prompts", str(PROMPTS), "--out", str(tmp_path / "zs2"), str(out / "cache"),
-                 "--organ-chunks", "30", "--organ-chunk-slices", "32"]) == 0  # organ chunks twice the training's thickest
+                 "--organ-chunks", "30", "--organ-chunk-slices", "32", "--operating-point", "0.5",
+                 "--bootstrap", "0"]) == 0  # organ chunks twice the training's thickest
     r2 = json.loads((tmp_path / "zs2" / "zero_shot.json").read_text())
     assert list(r2["per_label"]) == ["liver lesion"] and r2["organ_chunk_slices"] == 32
+    assert r2["rule"] == "fixed" and r2["per_label"]["liver lesion"]["threshold"] == 0.5 and "bootstrap" not in r2
     assert 0 < r2["organ_classification"]["n_chunks"] <= 30 and "32 slices each" in (tmp_path / "zs2" / "zero_shot.md").read_text()
 
     assert main(["evaluate", "retrieval", "--checkpoint", str(trained), "--out", str(tmp_path / "rt"), str(out / "cache")]) == 0
     rt = json.loads((tmp_path / "rt" / "retrieval.json").read_text())
     assert rt["n"] == 4 and rt["volume_to_report"]["R@5"] == 1.0  # 4 volumes: every report is in the top 5
     assert 0.0 <= rt["volume_to_report"]["R@1"] <= 1.0
+    assert list(rt["volume_to_volume"]) == ["MAP@1", "MAP@5", "MAP@10", "MAP@50", "MAP@100"]
+    assert "lung nodule" in rt["volume_to_volume_labels"] and rt["volume_to_volume_queries"] <= 4
 
     assert main(["embed", "--checkpoint", str(trained), "--per-token", "--out", str(tmp_path / "e.npz"),
                  str(ROOT / "data" / "samples" / "lung1_image.nrrd")]) == 0

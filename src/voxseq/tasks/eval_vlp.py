@@ -1,8 +1,11 @@
 """`voxseq evaluate zero-shot` and `voxseq evaluate retrieval`: SigVLP checkpoints on a manifest.
 
-* Zero-shot abnormality classification (CT-CLIP protocol): each volume against "<X> is present." and
-  "<X> is not present." (or the prompt pairs of a YAML file), softmax over the pair, AUROC per label, ACC
-  and weighted F1 at the ROC point closest to (0, 1). A volume is embedded whole, whatever its number of
+* Zero-shot abnormality classification (the CT-RATE protocol of CT-CLIP): each volume against "<X>." and
+  "not <X>." (CT-CLIP's prompts; or the prompts of a YAML file, several per side averaged), softmax over the
+  pair at the model's temperature, AUROC per label, ACC / weighted F1 / precision at the operating point of
+  Youden's J (or the ROC corner, or a fixed threshold), 95% bootstrap intervals (1000 resamples of the
+  volumes, a fixed seed), and every volume's P(present) per label written to zero_shot_predictions.csv with
+  its record id (the accession) and its labels. A volume is embedded whole, whatever its number of
   slices (``aggregate=volume``), or as z-chunks whose highest P(present) counts (``aggregate=chunks``; cut
   in-plane too, into half-overlapping tiles of the training crop, when the checkpoint trained on ``crop_yx``).
 * Zero-shot organ classification of chunks: which organs a chunk shows, from organ-name prompts, scored
@@ -11,7 +14,8 @@
   the chunks that show that organ (drawn as in training, but placed without looking at the lesions), each
   scored with the label's prompt pair against the volume's label. A chunk shows an organ with a lesion box
   only when it holds the lesion (``chunks.lesion_fraction``), so a positive chunk has the finding in view.
-* Retrieval: volume -> report and report -> volume recall@k.
+* Retrieval: volume -> report and report -> volume recall@k, and volume -> volume MAP@k where two volumes
+  are relevant to each other when they share at least one positive label.
 
 The evaluation volumes are prepared with the checkpoint's own preprocessing (into ``OUT/cache``), so
 evaluation never drifts from training.
@@ -19,7 +23,9 @@ evaluation never drifts from training.
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +39,9 @@ from voxseq.models.vlp import SigVLP, load_tokenizer
 from voxseq.sequence.chunks import ChunkConfig, ChunkTextDataset, collate_packed, volume_chunks
 from voxseq.tasks.pretrain_vlp import tokenize, vlp_from_checkpoint
 
-PROMPT_TEMPLATE = ("{} is present.", "{} is not present.")
+PROMPT_TEMPLATE = ("{}.", "not {}.")  # CT-CLIP's zero-shot prompts, with the label as the data spells it
+PREDICTIONS_CSV = "zero_shot_predictions.csv"
+TRUTH_COLUMN = "{} (truth)"  # the predictions CSV's ground-truth column of a label
 ORGAN_TEMPLATE = "The {}."
 
 
@@ -112,33 +120,94 @@ def _progress(items, description: str):
 # ---------------------------------------------------------------------------- zero-shot
 
 
-def _prompt_entries(path: str | Path) -> dict[str, dict[str, str]]:
+def _side(v: Any) -> str | tuple[str, ...] | None:
+    """A prompt side from YAML: a string, or a non-empty list of strings (a tuple); None if neither."""
+    if isinstance(v, str):
+        return v
+    if isinstance(v, list) and v and all(isinstance(t, str) for t in v):
+        return v[0] if len(v) == 1 else tuple(v)
+    return None
+
+
+def _prompt_entries(path: str | Path) -> dict[str, dict[str, Any]]:
     """label -> {"present", "absent"[, "organ"]} from a prompts YAML: ``label: [present, absent]``,
-    ``label: [present, absent, organ]`` or ``label: {present: .., absent: .., organ: ..}``."""
+    ``label: [present, absent, organ]`` or ``label: {present: .., absent: .., organ: ..}``; a side may be a
+    list of prompts (``label: [[p1, p2], [a1, a2]]``, ``present: [p1, p2]``), averaged."""
     data = load_yaml(path)
-    out: dict[str, dict[str, str]] = {}
+    out: dict[str, dict[str, Any]] = {}
     bad = []
     for k, v in (data or {}).items():
-        if isinstance(v, list) and len(v) in (2, 3) and all(isinstance(t, str) for t in v):
-            out[str(k)] = dict(zip(("present", "absent", "organ"), v))
+        entry = None
+        if isinstance(v, list) and len(v) in (2, 3) and (len(v) == 2 or isinstance(v[2], str)):
+            entry = dict(zip(("present", "absent"), map(_side, v[:2])), **({"organ": v[2]} if len(v) == 3 else {}))
         elif isinstance(v, dict) and {"present", "absent"} <= set(v) <= {"present", "absent", "organ"} \
-                and all(isinstance(t, str) for t in v.values()):
-            out[str(k)] = {key: str(t) for key, t in v.items()}
-        else:
+                and isinstance(v.get("organ", ""), str):
+            entry = {key: (str(t) if key == "organ" else _side(t)) for key, t in v.items()}
+        if entry is None or entry["present"] is None or entry["absent"] is None:
             bad.append(k)
+        else:
+            out[str(k)] = entry
     if bad or not out:
         raise VoxseqError(f"{path}: each label needs [present prompt, absent prompt] (optionally a third item, "
-                          f"or an 'organ' key, naming the organ it is found in); check {', '.join(map(str, bad)) or 'the file'}")
+                          "or an 'organ' key, naming the organ it is found in; a side may be a list of prompts, "
+                          f"averaged); check {', '.join(map(str, bad)) or 'the file'}")
     return out
 
 
-def load_prompts(path: str | Path | None, labels: list[str]) -> dict[str, tuple[str, str]]:
-    """label -> (present, absent) prompts: a YAML mapping of label -> [present, absent], else the CT-CLIP
-    template for every label."""
+def load_prompts(path: str | Path | None, labels: list[str]) -> dict[str, tuple[Any, Any]]:
+    """label -> (present, absent) prompts: a YAML mapping of label -> [present, absent] (a side is a prompt,
+    or a tuple of prompts to average), else CT-CLIP's "<label>." / "not <label>." for every label."""
     if path is None:
-        return {lab: (PROMPT_TEMPLATE[0].format(lab.capitalize()), PROMPT_TEMPLATE[1].format(lab.capitalize()))
-                for lab in labels}
+        return {lab: (PROMPT_TEMPLATE[0].format(lab), PROMPT_TEMPLATE[1].format(lab)) for lab in labels}
     return {k: (v["present"], v["absent"]) for k, v in _prompt_entries(path).items()}
+
+
+def prompt_texts(side: str | tuple[str, ...]) -> list[str]:
+    """The prompts of one side of a pair."""
+    return [side] if isinstance(side, str) else list(side)
+
+
+def embed_prompts(model: SigVLP, tokenizer, sides: list[Any], max_len: int) -> np.ndarray:
+    """(len(sides), D): each side's prompt embedding, the normalised mean of its prompts' unit embeddings
+    when it has several (CLIP's prompt ensembling); one text-tower pass for all of them."""
+    from voxseq.eval.metrics import l2_normalise
+
+    texts = [prompt_texts(s) for s in sides]
+    emb = l2_normalise(embed_texts(model, tokenizer, [t for ts in texts for t in ts], max_len))
+    cut = np.cumsum([0] + [len(ts) for ts in texts])
+    return l2_normalise(np.stack([emb[a:b].mean(axis=0) for a, b in zip(cut[:-1], cut[1:])])) if sides \
+        else np.zeros((0, emb.shape[1]), np.float64)
+
+
+def pair_temperature(model: SigVLP) -> float:
+    """The temperature of the pair softmax: the model's own (1 / exp(logit_scale)), as CT-CLIP scores with its
+    learned temperature. It sets how sharp the probabilities are, never their order (AUROC and the operating
+    point metrics do not depend on it); SigLIP's bias cancels between the two sides of a pair."""
+    return float(1.0 / math.exp(float(model.logit_scale.detach()))) if hasattr(model, "logit_scale") else 1.0
+
+
+def parse_operating_point(value: str | float | None) -> tuple[str, float | None]:
+    """(rule, threshold) of ``--operating-point``: youden, corner, or a number (a fixed threshold)."""
+    if value is None or value in ("youden", "corner"):
+        return (value or "youden"), None
+    try:
+        return "fixed", float(value)
+    except (TypeError, ValueError):
+        raise VoxseqError(f"operating point must be youden, corner or a threshold (a number), not {value!r}") from None
+
+
+def write_predictions(path: Path, ids: list[str], names: list[str], scores: np.ndarray, truth: np.ndarray) -> Path:
+    """The per-volume predictions CSV: ``id`` (the record id: CT-RATE's accession / volume name), one
+    column per label with P(present), then one ``<label> (truth)`` column per label with its 0/1 label."""
+    scores, truth = np.asarray(scores), np.asarray(truth)
+    if scores.shape != (len(ids), len(names)) or truth.shape != scores.shape:
+        raise ValueError(f"{len(ids)} ids, {len(names)} labels, scores {scores.shape}, truth {truth.shape} do not agree")
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["id", *names, *(TRUTH_COLUMN.format(n) for n in names)])
+        for i, rid in enumerate(ids):
+            w.writerow([rid, *(repr(float(p)) for p in scores[i]), *(int(t) for t in truth[i])])
+    return path
 
 
 def prompt_organs(path: str | Path | None) -> dict[str, str]:
@@ -146,11 +215,12 @@ def prompt_organs(path: str | Path | None) -> dict[str, str]:
     return {k: v["organ"] for k, v in _prompt_entries(path).items() if "organ" in v} if path else {}
 
 
-def abnormality_scores(vol_chunks: list[np.ndarray], pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
+def abnormality_scores(vol_chunks: list[np.ndarray], pos: np.ndarray, neg: np.ndarray,
+                       temperature: float = 1.0) -> np.ndarray:
     """(N, K) P(present) per volume: the pair softmax of each embedding, highest over a volume's chunks."""
     from voxseq.eval.metrics import pair_softmax_scores
 
-    return np.stack([pair_softmax_scores(e, pos, neg).max(axis=0) for e in vol_chunks])
+    return np.stack([pair_softmax_scores(e, pos, neg, temperature).max(axis=0) for e in vol_chunks])
 
 
 def organ_chunks(cache: Cache, meta: dict[str, Any], n_chunks: int, seed: int = 12345,
@@ -194,11 +264,13 @@ def organ_classification(model: SigVLP, tokenizer, items: list[dict[str, Any]], 
 
 
 def finding_classification(model: SigVLP, tokenizer, items: list[dict[str, Any]], img: np.ndarray,
-                           entries: list[dict[str, Any]], pairs: dict[str, tuple[str, str]],
-                           organs: dict[str, str], max_len: int) -> dict[str, Any] | None:
+                           entries: list[dict[str, Any]], pairs: dict[str, tuple[Any, Any]],
+                           organs: dict[str, str], max_len: int, rule: str = "youden", threshold: float | None = None,
+                           temperature: float = 1.0) -> dict[str, Any] | None:
     """Zero-shot "<finding> present in <organ>" on chunks: for each label with an organ, the chunks showing
     that organ, P(present) from the label's prompt pair against the chunk's volume label (AUROC, ACC,
-    weighted F1 per label, as for volumes)."""
+    weighted F1, precision per label at the operating point of ``rule``, as for volumes; no bootstrap
+    intervals: a volume's chunks are not independent draws)."""
     from voxseq.eval.metrics import binary_report, pair_softmax_scores, summarise_labels
 
     per_label: dict[str, Any] = {}
@@ -207,23 +279,33 @@ def finding_classification(model: SigVLP, tokenizer, items: list[dict[str, Any]]
                 and name in entries[it["volume_index"]].get("classes", {})]
         if not rows:
             continue
-        pos, neg = embed_texts(model, tokenizer, list(pairs[name]), max_len)
+        pos, neg = embed_prompts(model, tokenizer, list(pairs[name]), max_len)
         truth = np.array([int(entries[items[i]["volume_index"]]["classes"][name]) for i in rows])
-        scores = pair_softmax_scores(img[rows], pos[None], neg[None])[:, 0]
+        scores = pair_softmax_scores(img[rows], pos[None], neg[None], temperature)[:, 0]
         per_label[name] = {"organ": organ, "volumes": len({items[i]["volume_index"] for i in rows}),
-                           **binary_report(truth, scores)}
+                           **binary_report(truth, scores, rule, threshold)}
     return {"n_chunks": len(items), **summarise_labels(per_label)} if per_label else None
 
 
 def run_zero_shot(checkpoint: str | Path, source: str | Path, out: str | Path, *, prompts: str | Path | None = None,
                   labels: list[str] | None = None, aggregate: str = "volume", chunk_slices: int = 32,
                   split: str | None = None, organ_chunks_n: int = 200, organ_chunk_slices: int | None = None,
-                  organ_template: str = ORGAN_TEMPLATE, nonfinite: str = "error") -> dict[str, Any]:
-    """Zero-shot abnormality (and organ) classification; writes zero_shot.json, zero_shot.md, roc.png."""
+                  organ_template: str = ORGAN_TEMPLATE, nonfinite: str = "error",
+                  operating_point: str | float | None = "youden", bootstrap: int = 1000,
+                  bootstrap_seed: int = 0) -> dict[str, Any]:
+    """Zero-shot abnormality (and organ) classification; writes zero_shot.json, zero_shot.md, roc.png and
+    zero_shot_predictions.csv.
+
+    ``operating_point``: youden, corner or a fixed threshold on P(present), for the abnormality and
+    finding-in-organ metrics (organ classification scores similarities and keeps Youden's J). ``bootstrap``:
+    resamples of the volumes for the 95% intervals (0: none), drawn from ``bootstrap_seed``."""
     from voxseq.eval.metrics import multilabel_report
 
     if aggregate not in ("volume", "chunks"):
         raise VoxseqError(f"aggregate must be volume or chunks, not {aggregate!r}")
+    if bootstrap < 0:
+        raise VoxseqError(f"bootstrap must be a number of resamples (0 for none), not {bootstrap}")
+    rule, threshold = parse_operating_point(operating_point)
     out = Path(out)
     model, tokenizer, max_len, meta, cache = load_for_evaluation(checkpoint, source, out, split, nonfinite)
     entries = [cache.entry(i) for i in range(len(cache))]
@@ -239,38 +321,68 @@ def run_zero_shot(checkpoint: str | Path, source: str | Path, out: str | Path, *
     tile_yx = from_dict(ChunkConfig, meta["config"]["chunks"]).crop_yx if aggregate == "chunks" else None
     emb = [embed_volume(model, cache.image(i), pad, None if aggregate == "volume" else chunk_slices, tile_yx)
            for i in _progress(rows, "zero-shot: embedding volumes")]
-    pos = embed_texts(model, tokenizer, [pairs[n][0] for n in names], max_len)
-    neg = embed_texts(model, tokenizer, [pairs[n][1] for n in names], max_len)
-    scores = abnormality_scores(emb, pos, neg)
+    temperature = pair_temperature(model)
+    pos = embed_prompts(model, tokenizer, [pairs[n][0] for n in names], max_len)
+    neg = embed_prompts(model, tokenizer, [pairs[n][1] for n in names], max_len)
+    scores = abnormality_scores(emb, pos, neg, temperature)
     truth = np.array([[entries[i]["classes"][n] for n in names] for i in rows], dtype=int)
+    ids = [str(entries[i]["id"]) for i in rows]
     result = {"checkpoint": str(checkpoint), "source": str(source), "aggregate": aggregate, "tile_yx": tile_yx,
               "organ_chunk_slices": organ_chunk_slices,
               "n_volumes": len(rows), "slices": [int(cache.image(i).shape[1]) for i in rows],
-              "prompts": {n: list(pairs[n]) for n in names}, **multilabel_report(truth, scores, names)}
+              "prompts": {n: [p if isinstance(p, str) else list(p) for p in pairs[n]] for n in names},
+              "prompt_template": None if prompts else list(PROMPT_TEMPLATE), "temperature": temperature,
+              "ids": ids, "predictions": PREDICTIONS_CSV,
+              **multilabel_report(truth, scores, names, rule, threshold, resamples=bootstrap, seed=bootstrap_seed)}
     items = organ_chunks(cache, meta, organ_chunks_n, slices=organ_chunk_slices)
     img = embed_items(model, items)
     organ = organ_classification(model, tokenizer, items, img, organ_template, max_len)
     if organ is not None:
         result["organ_classification"] = organ
     findings = finding_classification(model, tokenizer, items, img, entries, pairs,
-                                      {n: o for n, o in prompt_organs(prompts).items() if n in names}, max_len)
+                                      {n: o for n, o in prompt_organs(prompts).items() if n in names}, max_len,
+                                      rule, threshold, temperature)
     if findings is not None:
         result["finding_in_organ_chunks"] = findings
     (out / "zero_shot.json").write_text(json.dumps(result, indent=1))
     (out / "zero_shot.md").write_text(zero_shot_markdown(result))
+    write_predictions(out / PREDICTIONS_CSV, ids, names, scores, truth)
     plot_roc(truth, scores, names, out / "roc.png")
     return result
 
 
+RULE_WORDS = {"youden": "Youden's J (maximum sensitivity + specificity - 1)",
+              "corner": "the ROC point closest to (0, 1)", "fixed": "a fixed threshold"}
+
+
+def _ci(m: dict[str, Any], key: str) -> str:
+    """`` [low, high]`` of ``key``'s bootstrap interval in ``m``, or nothing without one."""
+    ci = m.get(f"{key}_ci")
+    return f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
+
+
+def _sides(pair) -> str:
+    return " / ".join(p if isinstance(p, str) else "; ".join(p) for p in pair)
+
+
 def zero_shot_markdown(r: dict[str, Any]) -> str:
     s = r["slices"]
+    boot = r.get("bootstrap")
     lines = [f"# Zero-shot abnormality classification ({r['n_volumes']} volumes, {min(s)}-{max(s)} slices, "
              f"aggregate: {r['aggregate']})", "", f"checkpoint: `{r['checkpoint']}`", "",
-             "| label | positives | AUROC | ACC | weighted F1 | prompts (present / absent) |", "|---|---|---|---|---|---|"]
+             f"Operating point: {RULE_WORDS.get(r.get('rule', 'youden'), r.get('rule'))}, per label"
+             + (f"; brackets: 95% bootstrap intervals ({boot['resamples']} resamples of the volumes, seed {boot['seed']})"
+                if boot else "") + f". Per-volume probabilities: `{r.get('predictions', PREDICTIONS_CSV)}`.", "",
+             "| label | positives | AUROC | ACC | weighted F1 | precision | threshold | prompts (present / absent) |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, m in r["per_label"].items():
-        lines.append(f"| {name} | {m['positives']}/{m['n']} | {m['auc']:.3f} | {m['acc']:.3f} | {m['weighted_f1']:.3f} | "
-                     f"{r['prompts'][name][0]} / {r['prompts'][name][1]} |")
-    lines += ["", f"mean AUROC **{r['mean_auc']:.3f}**, ACC {r['mean_acc']:.3f}, weighted F1 {r['mean_weighted_f1']:.3f}"]
+        lines.append(f"| {name} | {m['positives']}/{m['n']} | {m['auc']:.3f}{_ci(m, 'auc')} | {m['acc']:.3f}{_ci(m, 'acc')} | "
+                     f"{m['weighted_f1']:.3f}{_ci(m, 'weighted_f1')} | {m['precision']:.3f}{_ci(m, 'precision')} | "
+                     f"{m['threshold']:.4g} | {_sides(r['prompts'][name])} |")
+    mean = {k[5:]: v for k, v in r.items() if k.startswith("mean_") and k.endswith("_ci")}
+    lines += ["", f"mean AUROC **{r['mean_auc']:.3f}**{_ci(mean, 'auc')}, ACC {r['mean_acc']:.3f}{_ci(mean, 'acc')}, "
+                  f"weighted F1 {r['mean_weighted_f1']:.3f}{_ci(mean, 'weighted_f1')}, "
+                  f"precision {r['mean_precision']:.3f}{_ci(mean, 'precision')}"]
     thick = f", {r['organ_chunk_slices']} slices each" if r.get("organ_chunk_slices") else ""
     if "organ_classification" in r:
         o = r["organ_classification"]
@@ -283,9 +395,10 @@ def zero_shot_markdown(r: dict[str, Any]) -> str:
         f = r["finding_in_organ_chunks"]
         lines += ["", f"## Zero-shot findings in organ chunks ({f['n_chunks']} chunks{thick})", "",
                   "Each chunk that shows the label's organ, scored with the label's prompt pair against its volume's label.",
-                  "", "| label | organ | positive chunks | volumes | AUROC | ACC | weighted F1 |", "|---|---|---|---|---|---|---|"]
+                  "", "| label | organ | positive chunks | volumes | AUROC | ACC | weighted F1 | precision |",
+                  "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {name} | {m['organ']} | {m['positives']}/{m['n']} | {m['volumes']} | {m['auc']:.3f} | {m['acc']:.3f} | "
-                  f"{m['weighted_f1']:.3f} |" for name, m in f["per_label"].items()]
+                  f"{m['weighted_f1']:.3f} | {m['precision']:.3f} |" for name, m in f["per_label"].items()]
         lines += ["", f"mean AUROC **{f['mean_auc']:.3f}**, ACC {f['mean_acc']:.3f}, weighted F1 {f['mean_weighted_f1']:.3f}"]
     return "\n".join(lines) + "\n"
 
@@ -315,8 +428,10 @@ def plot_roc(truth: np.ndarray, scores: np.ndarray, names: list[str], path: Path
 
 def run_retrieval(checkpoint: str | Path, source: str | Path, out: str | Path, *, split: str | None = None,
                   ks: tuple[int, ...] = (1, 5, 10, 50, 100), nonfinite: str = "error") -> dict[str, Any]:
-    """Volume -> report and report -> volume recall@k; writes retrieval.json and retrieval.md."""
-    from voxseq.eval.metrics import retrieval_report
+    """Volume -> report and report -> volume recall@k, and volume -> volume MAP@k over the binary labels
+    every volume carries (two volumes relevant when they share a positive one); writes retrieval.json and
+    retrieval.md."""
+    from voxseq.eval.metrics import retrieval_report, volume_retrieval_report
 
     out = Path(out)
     model, tokenizer, max_len, meta, cache = load_for_evaluation(checkpoint, source, out, split, nonfinite)
@@ -328,16 +443,46 @@ def run_retrieval(checkpoint: str | Path, source: str | Path, out: str | Path, *
     txt = embed_texts(model, tokenizer, [cache.entry(i)["text"] for i in rows], max_len)
     rep = retrieval_report(img, txt, ks)
     result = {"checkpoint": str(checkpoint), "source": str(source), "n": len(rows), **rep,
-              "chance": {f"R@{k}": min(k, len(rows)) / len(rows) for k in ks}}
+              "chance": {f"R@{k}": min(k, len(rows)) / len(rows) for k in ks},
+              "ids": [str(cache.entry(i)["id"]) for i in rows]}
+    labels = shared_binary_labels([cache.entry(i) for i in rows])
+    if labels:
+        truth = np.array([[cache.entry(i)["classes"][n] for n in labels] for i in rows], dtype=int)
+        vv = volume_retrieval_report(img, truth, ks)
+        result.update({"volume_to_volume": vv["volume_to_volume"], "volume_to_volume_chance": vv["chance"],
+                       "volume_to_volume_labels": labels, "volume_to_volume_queries": vv["queries"],
+                       "volume_to_volume_relevant_fraction": vv["relevant_fraction"],
+                       "volume_to_volume_relevance": "shares at least one positive label"})
     (out / "retrieval.json").write_text(json.dumps(result, indent=1))
     lines = [f"# Retrieval ({len(rows)} volumes and their reports)", "", f"checkpoint: `{checkpoint}`", "",
              "| direction | " + " | ".join(f"R@{k}" for k in ks) + " |", "|---" * (len(ks) + 1) + "|"]
     for d in ("volume_to_report", "report_to_volume"):
         lines.append(f"| {d.replace('_', ' ')} | " + " | ".join(f"{rep[d][f'R@{k}']:.3f}" for k in ks) + " |")
     lines.append("| chance | " + " | ".join(f"{result['chance'][f'R@{k}']:.3f}" for k in ks) + " |")
+    if labels and not result["volume_to_volume_queries"]:
+        lines += ["", f"No volume shares a positive label ({', '.join(labels)}) with another: no volume -> volume MAP@k."]
+    elif labels:
+        lines += ["", f"## Volume -> volume MAP@k ({result['volume_to_volume_queries']} queries)", "",
+                  f"Two volumes are relevant to each other when they share at least one positive label among "
+                  f"{', '.join(labels)}; each volume with such a neighbour queries all the others. AP@k divides by "
+                  f"min(k, relevant volumes); chance is the exact MAP@k of a random ranking.", "",
+                  "| | " + " | ".join(f"MAP@{k}" for k in ks) + " |", "|---" * (len(ks) + 1) + "|",
+                  "| volume to volume | " + " | ".join(f"{result['volume_to_volume'][f'MAP@{k}']:.3f}" for k in ks) + " |",
+                  "| chance | " + " | ".join(f"{result['volume_to_volume_chance'][f'MAP@{k}']:.3f}" for k in ks) + " |"]
+    else:
+        lines += ["", "No binary label carried by every volume: no volume -> volume MAP@k."]
     (out / "retrieval.md").write_text("\n".join(lines) + "\n")
     return result
 
 
-__all__ = ["embed_items", "embed_texts", "embed_volume", "evaluation_cache", "finding_classification", "load_prompts",
-           "organ_chunks", "organ_classification", "prompt_organs", "run_retrieval", "run_zero_shot"]
+def shared_binary_labels(entries: list[dict[str, Any]]) -> list[str]:
+    """The class labels every entry carries with a 0/1 value, sorted (the labels of volume -> volume MAP@k)."""
+    if not entries:
+        return []
+    names = set.intersection(*(set(e.get("classes", {})) for e in entries))
+    return sorted(n for n in names if all(float(e["classes"][n]) in (0.0, 1.0) for e in entries))
+
+
+__all__ = ["embed_items", "embed_prompts", "embed_texts", "embed_volume", "evaluation_cache", "finding_classification",
+           "load_prompts", "organ_chunks", "organ_classification", "parse_operating_point", "prompt_organs", "run_retrieval",
+           "run_zero_shot", "shared_binary_labels", "write_predictions"]
