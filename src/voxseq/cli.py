@@ -406,8 +406,8 @@ def linear_probe(
     init: Path = typer.Option(..., "--init", help="The pretrained checkpoint or run folder."),
     out: Path = typer.Option(..., "--out", "-o", help="Experiment folder."),
     overrides: List[str] = typer.Argument(None, help="Config overrides key=value."),
-    window: str = typer.Option("pretraining", "--window", help="pretraining (the encoder's training geometry), "
-                               "whole (one sequence per volume) or ZxYxX voxels."),
+    window: str = typer.Option("whole", "--window", help="whole (one sequence per volume), pretraining (windows of "
+                               "the encoder's training geometry) or ZxYxX voxels."),
     layer: Optional[str] = typer.Option(None, "--layer", help="The headline layer: block N, mean or last "
                                         "(default: the checkpoint's embedding default). Every layer is in the curve."),
 ) -> None:
@@ -435,9 +435,9 @@ def embed(
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="A checkpoint file or run folder (its latest)."),
     random_init: Optional[str] = typer.Option(None, "--random-init", help="A randomly initialised preset (tiny, small, base, large): a baseline."),
     per_token: bool = typer.Option(False, "--per-token", help="Per-token features (N, E) and voxel_ijk (N, 3) of one file."),
-    window: str = typer.Option("pretraining", "--window", help="pretraining: overlapping windows of the geometry the "
-                               "encoder was trained on (whole volumes for rotary / unknown encoders); whole: one "
-                               "sequence per volume; or ZxYxX voxels, e.g. 16x64x64."),
+    window: str = typer.Option("whole", "--window", help="whole: one sequence per volume; pretraining: overlapping "
+                               "windows of the geometry the encoder was trained on (bounded memory for large scans; "
+                               "whole volumes for rotary / unknown encoders); or ZxYxX voxels, e.g. 64x64x64."),
     overlap: float = typer.Option(0.5, "--overlap", help="Fraction of a window shared by neighbouring windows."),
     layer: Optional[str] = typer.Option(None, "--layer", help="Block N (1..depth), mean (of all blocks) or last (the "
                                         "final normalised output). Default: the middle block of AR-SSL4M pretraining "

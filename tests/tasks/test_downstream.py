@@ -103,20 +103,21 @@ def test_embed_cli(tmp_path, ar_run, samples):
 
 
 def test_embed_windows_and_layers(tmp_path, ar_run, samples, capsys):
-    """--window pretraining (the default) uses the AR run's crop at its middle block; whole and explicit windows, --layer N
-    and mean give per-token features of the same tokens; bad values are one-line errors (exit 2)."""
+    """The default is the whole volume at the AR run's middle block; --window pretraining (the run's crop) and
+    explicit windows, --layer last and mean give features of the same tokens; bad values are one-line errors."""
     scan = str(samples / "brain1_image.nrrd")
     feats = {}
-    for name, extra in {"default": [], "whole": ["--window", "whole"], "last": ["--layer", "last"],
+    for name, extra in {"default": [], "windows": ["--window", "pretraining"], "last": ["--layer", "last"],
                         "mean": ["--layer", "mean", "--window", "16x32x32", "--overlap", "0.25"]}.items():
         assert main(["embed", "--checkpoint", str(ar_run), "--per-token", "--out", str(tmp_path / f"{name}.npz"),
                      *extra, scan]) == 0
         feats[name] = np.load(tmp_path / f"{name}.npz")
-    assert "layer 1, windows of 32x32x32 voxels" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "layer 1, whole volumes" in printed and "layer 1, windows of 32x32x32 voxels" in printed
     shapes = {k: v["features"].shape for k, v in feats.items()}
     assert len(set(shapes.values())) == 1 and shapes["default"][0] > 50, shapes
     assert all(np.array_equal(v["voxel_ijk"], feats["default"]["voxel_ijk"]) for v in feats.values())
-    for a, b in (("default", "whole"), ("default", "last"), ("default", "mean")):
+    for a, b in (("default", "windows"), ("default", "last"), ("default", "mean")):
         assert not np.allclose(feats[a]["features"], feats[b]["features"], atol=1e-4), (a, b)
     for bad in (["--layer", "9"], ["--window", "10x32x32"], ["--window", "big"]):
         assert main(["embed", "--checkpoint", str(ar_run), "--out", str(tmp_path / "x.npz"), *bad, scan]) == 2
@@ -178,8 +179,8 @@ def test_token_linear_probe_runs_on_both_encoders(tmp_path, ar_run):
         assert 1 / 11 < r[name]["balanced_accuracy"] <= 1  # organs are partly linearly decodable from tokens
     assert r["n_train_volumes"] == 7 and r["n_test_volumes"] == 3
     # the per-layer curve: every block, the final output and the mean of blocks, for both encoders; the
-    # headline is the default layer; tokens went through windows of the pretraining crop
-    assert r["window_zyx"] == [32, 32, 32] and r["layer"] == 1
+    # headline is the default layer (the middle block of an AR run); whole volumes by default
+    assert r["window_zyx"] is None and r["layer"] == 1
     for name in ("pretrained", "random"):
         assert set(r["layers"][name]) == {"1", "2", "last", "mean"}
         assert r["layers"][name]["1"]["balanced_accuracy"] == r[name]["balanced_accuracy"]

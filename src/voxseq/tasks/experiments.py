@@ -132,14 +132,14 @@ def fit_probe(xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndarray
 
 
 def run_token_probe(config: str | Path, init: str | Path, out: str | Path, overrides: list[str] | None = None,
-                    max_tokens: int = 20000, window: str = "pretraining", layer: str | int | None = None,
+                    max_tokens: int = 20000, window: str = "whole", layer: str | int | None = None,
                     start_token: bool = False, progress: bool = True) -> dict[str, Any]:
     """Linear probe of per-token features: which organ is at each token's centre, pretrained versus
     randomly initialised encoder of the same architecture, at every layer. Logistic regression
     (scikit-learn) on the training volumes' tokens, scored on the evaluation splits' tokens.
 
-    ``window``: ``pretraining`` embeds through windows of the pretraining geometry, ``whole`` each
-    volume as one sequence, or ``ZxYxX`` voxels. The top-level ``pretrained`` / ``random`` entries are
+    ``window``: ``whole`` embeds each volume as one sequence, ``pretraining`` through windows of the
+    pretraining geometry, or ``ZxYxX`` voxels. The top-level ``pretrained`` / ``random`` entries are
     at ``layer`` (default: the checkpoint's default embedding layer); ``layers`` holds the curve.
     """
     import torch
