@@ -180,6 +180,7 @@ def finetune_seg(
     out: Path = typer.Option(..., "--out", "-o", help="Run folder."),
     init: Optional[Path] = typer.Option(None, "--init", help="Checkpoint or run folder to take the encoder from (default: scratch)."),
     label_ratio: Optional[float] = typer.Option(None, "--label-ratio", help="Train on this fraction of the labelled cases."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the run folder's latest checkpoint (same config and --init)."),
     overrides: List[str] = typer.Argument(None, help="Config overrides key=value."),
 ) -> None:
     """UNETR segmentation fine-tuning; Dice per class on the validation split."""
@@ -187,7 +188,7 @@ def finetune_seg(
 
     extra = [f"label_ratio={label_ratio}"] if label_ratio is not None else []
     cfg = load_seg_config(config, list(overrides or []) + extra)
-    r = run_finetune_seg(cfg, out, init=str(init) if init else None)
+    r = run_finetune_seg(cfg, out, init=str(init) if init else None, resume=resume)
     typer.echo(f"{r['how']}; {r['n_train']} training / {r['n_val']} validation volumes; "
                f"validation mean Dice {r['val']['mean_dice']:.4f} in {r['seconds']:.0f} s -> {out}")
 

@@ -196,13 +196,12 @@ def fit(task: TrainTask, cfg: TrainConfig, run_dir: str | Path, *, resume: bool 
         load_state_dict_checked(model, ck.state_dict, strict=True)
     net = dist_utils.wrap_model(model, cfg.distributed, device)
     optimizers = task.build_optimizers(model, ctx)  # after FSDP2's sharding
-    start = 0
-    if ck is not None:
+    start = ck.step if ck is not None else 0
+    if ck is not None and start < cfg.max_steps:
         state = ck.training_state()
         dist_utils.load_full_optimizer_state(model, _optimizer_arg(optimizers), state["optimizer"])
         set_rng_state(state["rng"])
         task.load_state_dict(state)
-        start = ck.step
     if main:
         save_yaml(task.config_dict(), run_dir / "config.yaml")
     if start >= cfg.max_steps:
