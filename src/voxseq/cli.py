@@ -199,6 +199,7 @@ def finetune_cls(
     out: Path = typer.Option(..., "--out", "-o", help="Run folder."),
     init: Optional[Path] = typer.Option(None, "--init", help="Checkpoint or run folder to take the encoder from (default: scratch)."),
     label_ratio: Optional[float] = typer.Option(None, "--label-ratio", help="Train on this fraction of the labelled cases."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the run folder's latest checkpoint (same config and --init)."),
     overrides: List[str] = typer.Argument(None, help="Config overrides key=value (e.g. linear_probe=true)."),
 ) -> None:
     """Volume classification (mean-pooled tokens -> head); AUC, ACC, sensitivity, specificity."""
@@ -206,7 +207,7 @@ def finetune_cls(
 
     extra = [f"label_ratio={label_ratio}"] if label_ratio is not None else []
     cfg = load_cls_config(config, list(overrides or []) + extra)
-    r = run_finetune_cls(cfg, out, init=str(init) if init else None)
+    r = run_finetune_cls(cfg, out, init=str(init) if init else None, resume=resume)
     m = r["metrics"]
     typer.echo(f"{r['how']}; {r['n_train']} training / {r['n_eval']} evaluation volumes; AUC {m['auc']:.3f} "
                f"ACC {m['acc']:.3f} sensitivity {m['sensitivity']:.3f} specificity {m['specificity']:.3f} -> {out}")

@@ -1,4 +1,4 @@
-"""Fine-tuning on the training engine: `voxseq finetune seg --resume` continues a run cut after a
+"""Fine-tuning on the training engine: `voxseq finetune seg|cls --resume` continues a run cut after a
 mid-run checkpoint with exactly the uninterrupted run's metrics and final scores, checkpoints carry the
 optimiser state, and `finetune seg` SIGKILLed at random moments and resumed matches an uninterrupted run."""
 
@@ -16,11 +16,14 @@ from voxseq.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 SEG = ROOT / "configs" / "seg_phantom_tiny.yaml"
+CLS = ROOT / "configs" / "cls_phantom_tiny.yaml"
 SMALL = ["model.depth=2", "model.embed_dim=32", "model.num_heads=2", "data.phantoms.size_xy=48",
          "data.phantoms.max_slices=48", "data.preprocess.spacing_xyz=[6,6,6]", "data.preprocess.min_shape_zyx=[32,32,32]",
          "data.workers=1"]
 SEG_TINY = [*SMALL, "unetr.feature_size=4", "roi_zyx=[16,16,16]", "batch_size=1", "warmup_steps=1",
             "data.phantoms.n_ct=4"]
+CLS_TINY = [*SMALL, "input_zyx=[32,32,32]", "batch_size=2", "warmup_steps=1", "data.phantoms.n_ct=12",
+            "label_key=liver lesion"]
 
 
 def _rows(run: Path) -> list[dict]:
@@ -62,6 +65,19 @@ def test_finetune_seg_resume_is_bit_for_bit(tmp_path, seg_cache, capsys):
     assert f"validation mean Dice {a.meta['val']['mean_dice']:.4f}" in capsys.readouterr().out
     assert main([*common, "--out", str(tmp_path / "cut")]) == 2  # never overwritten without --resume
     assert "pass --resume" in capsys.readouterr().err
+
+
+def test_finetune_cls_resume_is_bit_for_bit(tmp_path):
+    common = ["finetune", "cls", "--config", str(CLS), *CLS_TINY, "max_steps=6", "checkpoint_every=3"]
+    assert main([*common, "--out", str(tmp_path / "full")]) == 0
+    cache = f"data.cache={tmp_path / 'full' / 'cache'}"
+    assert main([*common, cache, "--out", str(tmp_path / "cut")]) == 0
+    _cut_after(tmp_path / "cut", 3, 6, 3)
+    assert main([*common, cache, "--out", str(tmp_path / "cut"), "--resume"]) == 0
+    assert _rows(tmp_path / "cut") == _rows(tmp_path / "full")
+    a, b = load_checkpoint(tmp_path / "full"), load_checkpoint(tmp_path / "cut")
+    assert a.meta["eval"] == b.meta["eval"] and set(a.meta["eval"]) == {"auc", "acc", "sensitivity", "specificity"}
+    assert (tmp_path / "cut" / "checkpoints" / "optim_00000003.pt").is_file()
 
 
 def _seg_cmd(cache: Path, out: Path, max_steps: int) -> list[str]:

@@ -116,6 +116,7 @@ def test_resume_continues_exactly(tmp_path):
 
 
 def test_train_config_reads_the_flat_task_configs():
+    from voxseq.tasks.finetune_cls import ClsConfig
     from voxseq.tasks.finetune_seg import SegConfig
     from voxseq.tasks.pretrain_ar import ARPretrainConfig
 
@@ -123,3 +124,5 @@ def test_train_config_reads_the_flat_task_configs():
     assert (ar.max_steps, ar.lr, ar.grad_accum, ar.keep_checkpoints) == (7, 0.5, 3, 3)
     seg = TrainConfig.of(SegConfig(), betas=[0.9, 0.999])
     assert (seg.lr, seg.warmup_steps, seg.betas, seg.weight_decay) == (3e-4, 50, [0.9, 0.999], 0.05)
+    cls = TrainConfig.of(ClsConfig())
+    assert (cls.min_lr_ratio, cls.grad_clip, cls.max_steps) == (0.0, 1.0, 300)
