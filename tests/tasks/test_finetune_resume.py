@@ -58,7 +58,7 @@ def test_finetune_seg_resume_is_bit_for_bit(tmp_path, seg_cache, capsys):
     assert "val_mean_dice" in cut[3] and set(cut[0]) == {"step", "loss", "lr"}
     a, b = load_checkpoint(tmp_path / "full"), load_checkpoint(tmp_path / "cut")
     assert a.meta["val"] == b.meta["val"] and all(a.state_dict[k].equal(v) for k, v in b.state_dict.items())
-    assert set(b.training_state()) >= {"optimizer", "rng", "step", "crop_rng", "fg_sample"}  # checkpoints resume
+    assert set(b.training_state()) >= {"optimizer", "rng", "step", "batch_rng", "fg_sample"}  # checkpoints resume
     assert (tmp_path / "cut" / "checkpoints" / "optim_00000004.pt").is_file()
     capsys.readouterr()
     assert main([*common, "--out", str(tmp_path / "cut"), "--resume"]) == 0  # a finished run: nothing to do

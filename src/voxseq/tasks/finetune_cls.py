@@ -9,7 +9,6 @@ evaluation splits: AUC, accuracy, sensitivity, specificity.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,12 +23,10 @@ from voxseq.config import from_dict, load_config, to_dict
 from voxseq.data.adapters import label_subset
 from voxseq.data.preprocess import Preprocess
 from voxseq.models.vit3d import ViT3D, ViTConfig
-from voxseq.tasks.data import DataConfig, ensure_cache, open_cache
-from voxseq.train import distributed as dist_utils
+from voxseq.tasks.data import DataConfig, training_cache
+from voxseq.tasks.finetune_base import FinetuneTask
 from voxseq.train.checkpoint import load_checkpoint, load_state_dict_checked
-from voxseq.train.loop import RunContext, StepInfo, TrainConfig, TrainTask, fit
-from voxseq.train.metrics import read_metrics
-from voxseq.train.optim import build_optimizer, param_groups_lrd
+from voxseq.train.loop import RunContext, TrainConfig, fit
 
 
 @dataclass
@@ -97,10 +94,12 @@ def _volume_tensor(cache, i: int, size) -> torch.Tensor:
     return F.interpolate(x, size=tuple(size), mode="trilinear", align_corners=False)[0]
 
 
-class ClsTask(TrainTask):
+class ClsTask(FinetuneTask):
     """Classification fine-tuning (or a linear probe) on the engine: resized volumes, BCE on the logit,
     AdamW with layer-wise lr decay; AUC/accuracy/sensitivity/specificity at the end (in the final
     checkpoint's metadata)."""
+
+    kind, curve_title = "cls", "classification loss"
 
     def __init__(self, cfg: ClsConfig, init: str | None = None):
         self.cfg, self.init = cfg, init
@@ -122,11 +121,7 @@ class ClsTask(TrainTask):
             rep = load_state_dict_checked(model.encoder, ck.state_dict, prefix_map={"encoder.": ""})
             self.how = f"encoder from {ck.path.name}: {len(rep.loaded)} tensors loaded"
         cfg.model = vit
-        if ctx.main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            ensure_cache(cfg.data, run_dir, ctx.progress)
-        dist_utils.barrier()
-        cache = open_cache(Path(cfg.data.cache) if cfg.data.cache else run_dir / "cache", None)
+        cache = training_cache(cfg.data, run_dir, None, main=ctx.main, progress=ctx.progress)
         have = [i for i in range(len(cache)) if cfg.label_key in cache.entry(i).get("classes", {})]
         if not have:
             raise VoxseqError(f"no cached volume has the class {cfg.label_key!r} (manifest `classes`)")
@@ -145,19 +140,6 @@ class ClsTask(TrainTask):
         self.inputs = {i: _volume_tensor(cache, i, cfg.input_zyx) for i in self.train + self.evals}  # small: keep resized
         self.metrics: dict[str, float] | None = None
 
-    def build_model(self, ctx: RunContext) -> Classifier:
-        return self.model
-
-    def build_optimizers(self, model, ctx):
-        groups = param_groups_lrd(model, self.cfg.weight_decay, self.cfg.layer_decay, model.encoder.num_layers)
-        return [build_optimizer(groups, self.cfg.lr, (0.9, 0.999))]
-
-    def description(self, model) -> str:
-        return f"finetune cls ({self.how})"
-
-    def config_dict(self) -> dict[str, Any]:
-        return to_dict(self.cfg)
-
     def batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
         batch = [self.train[int(self.rng.integers(len(self.train)))] for _ in range(self.cfg.batch_size)]
         x = torch.stack([self.inputs[i] for i in batch])
@@ -167,9 +149,6 @@ class ClsTask(TrainTask):
     def loss(self, net, batch, step: int, micro: int):
         x, y = batch
         return F.binary_cross_entropy_with_logits(net(x).float(), y), {}
-
-    def row(self, info: StepInfo) -> dict[str, Any]:
-        return {"step": info.step, "loss": info.loss, "lr": info.lr}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -188,21 +167,6 @@ class ClsTask(TrainTask):
             self.metrics = self.evaluate()
             meta["eval"] = self.metrics
         return meta
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"batch_rng": json.dumps(self.rng.bit_generator.state)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "batch_rng" in state:
-            self.rng.bit_generator.state = json.loads(state["batch_rng"])
-
-    def on_end(self, summary: dict[str, Any]) -> dict[str, Any]:
-        if self.ctx.main:
-            from voxseq.train.plots import plot_loss_curve
-
-            plot_loss_curve(read_metrics(self.ctx.run_dir), self.ctx.run_dir / "plots" / "loss_curve.png",
-                            title="classification loss")
-        return summary
 
 
 def run_finetune_cls(cfg: ClsConfig, out: str | Path, init: str | None = None, progress: bool = True,

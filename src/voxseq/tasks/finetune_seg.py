@@ -10,7 +10,6 @@ exactly as pretraining did. Predictions are written in each input file's own geo
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,12 +24,10 @@ from voxseq.data.preprocess import Preprocess, to_source_grid
 from voxseq.models.unetr import UNETR3D, UNETRConfig
 from voxseq.models.vit3d import ViTConfig
 from voxseq.sequence.samplers import read_window
-from voxseq.tasks.data import DataConfig, ensure_cache, open_cache
-from voxseq.train import distributed as dist_utils
+from voxseq.tasks.data import DataConfig, open_cache, training_cache
+from voxseq.tasks.finetune_base import FinetuneTask
 from voxseq.train.checkpoint import load_checkpoint, load_state_dict_checked
-from voxseq.train.loop import RunContext, StepInfo, TrainConfig, TrainTask, fit
-from voxseq.train.metrics import read_metrics
-from voxseq.train.optim import build_optimizer, param_groups_lrd
+from voxseq.train.loop import RunContext, StepInfo, TrainConfig, fit
 
 
 @dataclass
@@ -146,9 +143,11 @@ def evaluate_seg(model: UNETR3D, cache, indices: list[int], cfg: SegConfig) -> d
             "dice_per_class": [float(v) for v in per_class], "per_case": per_case}
 
 
-class SegTask(TrainTask):
+class SegTask(FinetuneTask):
     """UNETR fine-tuning on the engine: random ROI crops (half on a labelled voxel), DiceCE loss, AdamW with
     layer-wise lr decay; Dice on the validation cases at the end (in the final checkpoint's metadata)."""
+
+    kind, curve_title = "seg", "segmentation fine-tuning loss"
 
     def __init__(self, cfg: SegConfig, init: str | None = None, load_weights: bool = True):
         self.cfg, self.init, self.load_weights = cfg, init, load_weights
@@ -165,11 +164,7 @@ class SegTask(TrainTask):
         if any(r % patch for r in cfg.roi_zyx):
             raise VoxseqError(f"roi_zyx {cfg.roi_zyx} must be multiples of the patch size {patch}")
         cfg.model = self.model.encoder.cfg
-        if ctx.main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            ensure_cache(cfg.data, run_dir, ctx.progress)
-        dist_utils.barrier()
-        self.cache = cache = open_cache(Path(cfg.data.cache) if cfg.data.cache else run_dir / "cache", None)
+        self.cache = cache = training_cache(cfg.data, run_dir, None, main=ctx.main, progress=ctx.progress)
         labelled = [i for i in range(len(cache)) if cache.entry(i).get("has_label")]
         if not labelled:
             raise VoxseqError("no labelled volumes in the cache: segmentation needs labels")
@@ -191,19 +186,6 @@ class SegTask(TrainTask):
         self.rng = np.random.default_rng(cfg.seed)
         self.result: dict[str, Any] | None = None
 
-    def build_model(self, ctx: RunContext) -> UNETR3D:
-        return self.model
-
-    def build_optimizers(self, model, ctx):
-        groups = param_groups_lrd(model, self.cfg.weight_decay, self.cfg.layer_decay, model.encoder.num_layers)
-        return [build_optimizer(groups, self.cfg.lr, (0.9, 0.999))]
-
-    def description(self, model) -> str:
-        return f"finetune seg ({self.how})"
-
-    def config_dict(self) -> dict[str, Any]:
-        return to_dict(self.cfg)
-
     def batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
         cfg, train, rng = self.cfg, self.train, self.rng
         crops = [sample_crop(self.cache, train[int(rng.integers(len(train)))], cfg.roi_zyx, rng, cfg.pos_fraction)
@@ -217,7 +199,7 @@ class SegTask(TrainTask):
         return self.loss_fn(net(x), y), {}
 
     def row(self, info: StepInfo) -> dict[str, Any]:
-        row = {"step": info.step, "loss": info.loss, "lr": info.lr}
+        row = super().row(info)
         if self.cfg.eval_every and (info.step + 1) % self.cfg.eval_every == 0 and self.val:
             row["val_mean_dice"] = evaluate_seg(self.model, self.cache, self.val, self.cfg)["mean_dice"]
         return row
@@ -233,21 +215,12 @@ class SegTask(TrainTask):
         """The crop generator and the foreground voxels drawn so far (drawn from it, once per volume)."""
         fg = {str(i): torch.from_numpy(np.asarray(self.cache.entry(i)["fg_sample"], dtype=np.int64))
               for i in range(len(self.cache)) if "fg_sample" in self.cache.entry(i)}
-        return {"crop_rng": json.dumps(self.rng.bit_generator.state), "fg_sample": fg}
+        return {**super().state_dict(), "fg_sample": fg}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "crop_rng" in state:
-            self.rng.bit_generator.state = json.loads(state["crop_rng"])
-            for i, fg in state.get("fg_sample", {}).items():
-                self.cache.entry(int(i))["fg_sample"] = fg.numpy()
-
-    def on_end(self, summary: dict[str, Any]) -> dict[str, Any]:
-        if self.ctx.main:
-            from voxseq.train.plots import plot_loss_curve
-
-            plot_loss_curve(read_metrics(self.ctx.run_dir), self.ctx.run_dir / "plots" / "loss_curve.png",
-                            title="segmentation fine-tuning loss")
-        return summary
+        super().load_state_dict(state)
+        for i, fg in state.get("fg_sample", {}).items():
+            self.cache.entry(int(i))["fg_sample"] = fg.numpy()
 
 
 def run_finetune_seg(cfg: SegConfig, out: str | Path, init: str | None = None, progress: bool = True,

@@ -23,8 +23,7 @@ from voxseq.config import load_config, require_at_least, to_dict
 from voxseq.models.vit3d import ARViT3D, ViTConfig, count_params, flops_per_token
 from voxseq.objectives.ar import norm_pixel_loss, prefix_loss_mask
 from voxseq.sequence import ResumableSampler, SequenceConfig, SequenceDataset, collate_sequences
-from voxseq.tasks.data import DataConfig, ensure_cache, open_cache
-from voxseq.train import distributed as dist_utils
+from voxseq.tasks.data import DataConfig, training_cache
 from voxseq.train.checkpoint import load_checkpoint
 from voxseq.train.loop import RunContext, StepInfo, TrainConfig, TrainTask, fit
 from voxseq.train.metrics import read_metrics
@@ -91,12 +90,8 @@ class ARPretrainTask(TrainTask):
         self.cfg = cfg
 
     def setup(self, ctx: RunContext) -> None:
-        cfg = self.cfg
-        if ctx.main:  # one process prepares the cache, the others wait and read it
-            ensure_cache(cfg.data, ctx.run_dir, ctx.progress)
-        dist_utils.barrier()
-        self.ctx = ctx
-        self.source = open_cache(Path(cfg.data.cache) if cfg.data.cache else ctx.run_dir / "cache", cfg.data.split)
+        cfg, self.ctx = self.cfg, ctx
+        self.source = training_cache(cfg.data, ctx.run_dir, cfg.data.split, main=ctx.main, progress=ctx.progress)
         self.dataset = SequenceDataset(self.source, cfg.sequence)
         self.flops_tok = flops_per_token(cfg.model, cfg.sequence.seq_len(self.dataset.kinds[0]) + 1)
 

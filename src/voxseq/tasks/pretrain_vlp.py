@@ -24,8 +24,7 @@ from voxseq.models.vit3d import count_params
 from voxseq.models.vlp import SigVLP, VLPModelConfig, load_tokenizer, vlp_meta
 from voxseq.objectives.siglip import SigLipLoss, key_tensor
 from voxseq.sequence.chunks import ChunkBatchSampler, ChunkConfig, ChunkTextDataset, collate_packed, padding_waste
-from voxseq.tasks.data import DataConfig, ensure_cache, open_cache
-from voxseq.train import distributed as dist_utils
+from voxseq.tasks.data import DataConfig, training_cache
 from voxseq.train.checkpoint import load_checkpoint, load_state_dict_checked
 from voxseq.train.loop import RunContext, StepInfo, TrainConfig, TrainTask, fit
 from voxseq.train.metrics import read_metrics
@@ -94,12 +93,8 @@ class VLPPretrainTask(TrainTask):
         self.cfg = cfg
 
     def setup(self, ctx: RunContext) -> None:
-        cfg = self.cfg
-        if ctx.main:
-            ensure_cache(cfg.data, ctx.run_dir, ctx.progress)
-        dist_utils.barrier()
-        self.ctx = ctx
-        self.source = source = open_cache(Path(cfg.data.cache) if cfg.data.cache else ctx.run_dir / "cache", cfg.data.split)
+        cfg, self.ctx = self.cfg, ctx
+        self.source = source = training_cache(cfg.data, ctx.run_dir, cfg.data.split, main=ctx.main, progress=ctx.progress)
         channels = {int(source.entry(i).get("channels", 1)) for i in range(len(source))}
         if channels != {cfg.model.vision.in_chans}:
             raise VoxseqError(f"the cache's volumes have {sorted(channels)} channel(s) (preprocess.hu_windows gives one "
