@@ -1,6 +1,7 @@
 """Fine-tuning on the training engine: `voxseq finetune seg|cls --resume` continues a run cut after a
 mid-run checkpoint with exactly the uninterrupted run's metrics and final scores, checkpoints carry the
-optimiser state, and `finetune seg` SIGKILLed at random moments and resumed matches an uninterrupted run."""
+optimiser state, `finetune seg` SIGKILLed at random moments and resumed matches an uninterrupted run, and
+so does a 2-process (DDP, FSDP2) `finetune seg` cut and resumed."""
 
 from __future__ import annotations
 
@@ -96,3 +97,23 @@ def test_finetune_seg_survives_kill_9(tmp_path, seg_cache, kills, max_steps, see
     assert len(at_kill) == kills and at_kill[-1][0] < max_steps - 1
     _assert_same_run(tmp_path / "cut", tmp_path / "full", max_steps)
     assert load_checkpoint(tmp_path / "cut").meta["val"] == load_checkpoint(tmp_path / "full").meta["val"]
+
+
+def _torchrun_seg(cache: Path, out: Path, strategy: str, port: int, *extra: str) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           *_seg_cmd(cache, out, 4)[1:], "eval_every=2", f"distributed={strategy}", *extra]
+    _finish(cmd)
+
+
+@pytest.mark.parametrize("strategy,port", [("ddp", 29577), ("fsdp2", 29587)])
+def test_finetune_seg_on_two_gloo_processes_resumes_exactly(tmp_path, seg_cache, strategy, port):
+    """Each rank draws its own crops (rank 0 the one-process stream) and the checkpoint keeps every
+    rank's generator, so a 2-process run resumes exactly; the validation Dice is computed on every rank."""
+    _torchrun_seg(seg_cache, tmp_path / "full", strategy, port)
+    _torchrun_seg(seg_cache, tmp_path / "cut", strategy, port)
+    (tmp_path / "cut" / "checkpoints" / "model_00000004.json").unlink()
+    _torchrun_seg(seg_cache, tmp_path / "cut", strategy, port, "--resume")
+    full, cut = _rows(tmp_path / "full"), _rows(tmp_path / "cut")
+    assert [r["step"] for r in full] == list(range(4)) and cut == full and "val_mean_dice" in full[1]
+    assert load_checkpoint(tmp_path / "cut").meta["val"] == load_checkpoint(tmp_path / "full").meta["val"]
+    assert len(load_checkpoint(tmp_path / "cut").training_state()["per_rank"]) == 2

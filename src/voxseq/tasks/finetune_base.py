@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import numpy as np
+
 from voxseq.config import to_dict
 from voxseq.train.loop import StepInfo, TrainTask
 from voxseq.train.metrics import read_metrics
@@ -19,6 +21,12 @@ class FinetuneTask(TrainTask):
 
     kind = "task"  # "seg", "cls": the progress bar's label
     curve_title = "fine-tuning loss"
+    per_rank_state = True  # under torchrun each rank draws its own batches
+
+    @staticmethod
+    def batch_rng(seed: int, rank: int) -> np.random.Generator:
+        """The generator drawing a rank's batches: ``seed`` alone on rank 0 (a one-process run's stream)."""
+        return np.random.default_rng(seed if rank == 0 else [seed, rank])
 
     def build_model(self, ctx):
         return self.model

@@ -127,7 +127,7 @@ class ClsTask(FinetuneTask):
             raise VoxseqError(f"no cached volume has the class {cfg.label_key!r} (manifest `classes`)")
         self.label = {i: float(cache.entry(i)["classes"][cfg.label_key]) for i in have}
         train = [i for i in have if cache.entry(i)["split"] == "train"]
-        self.rng = np.random.default_rng(cfg.seed)
+        self.rng = self.batch_rng(cfg.seed, ctx.rank)
         keep = label_subset([cache.entry(i)["id"] for i in train], cfg.label_ratio, cfg.seed)
         self.train = [i for i in train if cache.entry(i)["id"] in keep]
         self.evals = [i for i in have if cache.entry(i)["split"] in cfg.eval_splits]
@@ -163,7 +163,7 @@ class ClsTask(FinetuneTask):
         meta = {"task": "finetune-cls", "config": to_dict(cfg), "model": to_dict(cfg.model),
                 "preprocess": to_dict(cfg.data.preprocess), "model_class": "Classifier",
                 "init": str(self.init) if self.init else None}
-        if final and self.ctx.main:  # the last step's checkpoint carries the evaluation
+        if final:  # the last step's checkpoint carries the evaluation (every rank evaluates: FSDP2 shards the model)
             self.metrics = self.evaluate()
             meta["eval"] = self.metrics
         return meta

@@ -183,7 +183,7 @@ class SegTask(FinetuneTask):
                       "init": str(self.init) if self.init and self.load_weights else None,
                       "train_ids": [cache.entry(i)["id"] for i in self.train],
                       "val_ids": [cache.entry(i)["id"] for i in self.val]}
-        self.rng = np.random.default_rng(cfg.seed)
+        self.rng = self.batch_rng(cfg.seed, ctx.rank)
         self.result: dict[str, Any] | None = None
 
     def batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,9 +207,9 @@ class SegTask(FinetuneTask):
     def meta(self, final: bool) -> dict[str, Any]:
         if not final:
             return self._meta
-        if self.ctx.main:  # the last step's checkpoint carries the validation Dice
-            self.result = evaluate_seg(self.model, self.cache, self.val, self.cfg) if self.val else {"mean_dice": float("nan")}
-        return {**self._meta, "val": {k: v for k, v in (self.result or {}).items() if k != "per_case"}}
+        # the last step's checkpoint carries the validation Dice (every rank evaluates: FSDP2 shards the model)
+        self.result = evaluate_seg(self.model, self.cache, self.val, self.cfg) if self.val else {"mean_dice": float("nan")}
+        return {**self._meta, "val": {k: v for k, v in self.result.items() if k != "per_case"}}
 
     def state_dict(self) -> dict[str, Any]:
         """The crop generator and the foreground voxels drawn so far (drawn from it, once per volume)."""
@@ -230,7 +230,7 @@ def run_finetune_seg(cfg: SegConfig, out: str | Path, init: str | None = None, p
     task = SegTask(cfg, init, load_weights)
     r = fit(task, TrainConfig.of(cfg, betas=[0.9, 0.999]), out, resume=resume, progress=progress)
     val = task.result
-    if val is None:  # resumed a finished run, or not rank 0: the final checkpoint's record
+    if val is None:  # resumed a finished run: the final checkpoint's record
         val = load_checkpoint(out).meta.get("val", {"mean_dice": float("nan")})
     return {"run_dir": str(out), "val": val, "seconds": r.get("seconds", 0.0), "how": task.how,
             "n_train": len(task.train), "n_val": len(task.val)}

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from voxseq import VoxseqError
 from voxseq.config import save_yaml
 from voxseq.train import distributed as dist_utils
 from voxseq.train.checkpoint import checkpoint_to_resume, load_state_dict_checked, set_rng_state
@@ -118,6 +119,8 @@ class TrainTask:
     Required: :meth:`build_model`, :meth:`build_optimizers`, :meth:`batch`, :meth:`loss`,
     :meth:`config_dict`, :meth:`meta`."""
 
+    per_rank_state = False  # True: each rank's state_dict differs (its own batch generator) and is saved per rank
+
     def description(self, model: nn.Module) -> str:
         """The progress bar's label."""
         return "train"
@@ -178,6 +181,27 @@ def _optimizer_arg(optimizers: list[torch.optim.Optimizer]):
     return optimizers[0] if len(optimizers) == 1 else optimizers
 
 
+def _task_state(task: TrainTask, world: int) -> dict[str, Any]:
+    """The task's resume state; with ``per_rank_state`` under torchrun, every rank's (a collective)."""
+    state = task.state_dict()
+    if not task.per_rank_state or world == 1:
+        return state
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, state)
+    return {"per_rank": gathered}
+
+
+def _own_task_state(task: TrainTask, state: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
+    if "per_rank" not in state:
+        return state
+    if len(state["per_rank"]) != world:
+        raise VoxseqError(f"the checkpoint holds the batch state of {len(state['per_rank'])} processes: resume on as many, "
+                          f"not {world}")
+    return state["per_rank"][rank]
+
+
 def fit(task: TrainTask, cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
         progress: bool = True) -> dict[str, Any]:
     """Train ``task`` to ``cfg.max_steps``; returns a summary (run folder, steps, first/last loss, seconds,
@@ -201,7 +225,7 @@ def fit(task: TrainTask, cfg: TrainConfig, run_dir: str | Path, *, resume: bool 
         state = ck.training_state()
         dist_utils.load_full_optimizer_state(model, _optimizer_arg(optimizers), state["optimizer"])
         set_rng_state(state["rng"])
-        task.load_state_dict(state)
+        task.load_state_dict(_own_task_state(task, state, rank, world))
     if main:
         save_yaml(task.config_dict(), run_dir / "config.yaml")
     if start >= cfg.max_steps:
@@ -249,7 +273,7 @@ def fit(task: TrainTask, cfg: TrainConfig, run_dir: str | Path, *, resume: bool 
             if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
                 dist_utils.save_training_checkpoint(run_dir, done, model, _optimizer_arg(optimizers), main=main,
                                                     meta=task.meta(done == cfg.max_steps),
-                                                    keep_last=cfg.keep_checkpoints, extra_state=task.state_dict())
+                                                    keep_last=cfg.keep_checkpoints, extra_state=_task_state(task, world))
     finally:
         bar.close()
         logger.close()
