@@ -178,6 +178,21 @@ def pretrain_ar(
     _report_training(run_pretrain_ar(cfg, out, resume=resume), out)
 
 
+@pretrain_app.command("mae")
+def pretrain_mae(
+    config: Path = typer.Option(..., "--config", "-c", help="YAML config (see configs/mae_tiny.yaml)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder: config, metrics.jsonl, checkpoints, plots."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the run folder's latest checkpoint."),
+    overrides: List[str] = typer.Argument(None, help="Config overrides key=value, dotted for nested fields (mask_ratio=0.6)."),
+) -> None:
+    """Masked-autoencoder pretraining (MAE3D) of the same 3D ViT: the baseline of AR-SSL4M."""
+    from voxseq.tasks.pretrain_mae import load_mae_config, run_pretrain_mae
+
+    _reads_config_data()
+    cfg = load_mae_config(config, list(overrides or []))
+    _report_training(run_pretrain_mae(cfg, out, resume=resume), out)
+
+
 @pretrain_app.command("vlp")
 def pretrain_vlp(
     config: Path = typer.Option(..., "--config", "-c", help="YAML config (see configs/vlp_tiny.yaml, configs/vlp_vit_l.yaml)."),
@@ -225,6 +240,7 @@ def finetune_seg(
     out: Path = typer.Option(..., "--out", "-o", help="Run folder."),
     init: Optional[Path] = typer.Option(None, "--init", help="Checkpoint or run folder to take the encoder from (default: scratch)."),
     label_ratio: Optional[float] = typer.Option(None, "--label-ratio", help="Train on this fraction of the labelled cases."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the run folder's latest checkpoint (same config and --init)."),
     overrides: List[str] = typer.Argument(None, help="Config overrides key=value."),
 ) -> None:
     """UNETR segmentation fine-tuning; Dice per class on the validation split."""
@@ -233,7 +249,7 @@ def finetune_seg(
     _reads_config_data()
     extra = [f"label_ratio={label_ratio}"] if label_ratio is not None else []
     cfg = load_seg_config(config, list(overrides or []) + extra)
-    r = run_finetune_seg(cfg, out, init=str(init) if init else None)
+    r = run_finetune_seg(cfg, out, init=str(init) if init else None, resume=resume)
     typer.echo(f"{r['how']}; {r['n_train']} training / {r['n_val']} validation volumes; "
                f"validation mean Dice {r['val']['mean_dice']:.4f} in {r['seconds']:.0f} s -> {out}")
 
@@ -244,6 +260,7 @@ def finetune_cls(
     out: Path = typer.Option(..., "--out", "-o", help="Run folder."),
     init: Optional[Path] = typer.Option(None, "--init", help="Checkpoint or run folder to take the encoder from (default: scratch)."),
     label_ratio: Optional[float] = typer.Option(None, "--label-ratio", help="Train on this fraction of the labelled cases."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the run folder's latest checkpoint (same config and --init)."),
     overrides: List[str] = typer.Argument(None, help="Config overrides key=value (e.g. linear_probe=true)."),
 ) -> None:
     """Volume classification (mean-pooled tokens -> head); AUC, ACC, sensitivity, specificity."""
@@ -252,7 +269,7 @@ def finetune_cls(
     _reads_config_data()
     extra = [f"label_ratio={label_ratio}"] if label_ratio is not None else []
     cfg = load_cls_config(config, list(overrides or []) + extra)
-    r = run_finetune_cls(cfg, out, init=str(init) if init else None)
+    r = run_finetune_cls(cfg, out, init=str(init) if init else None, resume=resume)
     m = r["metrics"]
     typer.echo(f"{r['how']}; {r['n_train']} training / {r['n_eval']} evaluation volumes; AUC {m['auc']:.3f} "
                f"ACC {m['acc']:.3f} sensitivity {m['sensitivity']:.3f} specificity {m['specificity']:.3f} -> {out}")

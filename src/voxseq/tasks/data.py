@@ -125,3 +125,14 @@ def open_cache(path: Path, split: str | None, label_map: dict[int, int] | None =
     if len(cache) == 0:
         raise VoxseqError(f"{path}: no volumes{f' in split {split!r}' if split else ''}")
     return cache
+
+
+def training_cache(cfg: DataConfig, run_dir: Path, split: str | None, *, main: bool = True, progress: bool = True) -> Cache:
+    """The cache a training run reads: the main process prepares (or completes) it, the others wait for it
+    (under torchrun), then every process opens it."""
+    from voxseq.train.distributed import barrier
+
+    if main:
+        ensure_cache(cfg, run_dir, progress)
+    barrier()
+    return open_cache(Path(cfg.cache) if cfg.cache else run_dir / "cache", split, cfg.label_map)

@@ -27,7 +27,7 @@ from voxseq.train.checkpoint import LoadReport, load_checkpoint, load_state_dict
 
 # Keys of the other parts of voxseq models (AR heads and tokens, UNETR decoder, SigVLP pooling, projections
 # and text tower): expected in a checkpoint, not part of the encoder.
-NOT_ENCODER = ("head.", "start_token", "end_token", "decoder", "stem", "skip_blocks", "up_blocks", "out.",
+NOT_ENCODER = ("head.", "start_token", "end_token", "mask_token", "decoder", "stem", "skip_blocks", "up_blocks", "out.",
                "pool.", "vision_proj.", "text.", "text_proj.", "logit_scale", "logit_bias")
 
 

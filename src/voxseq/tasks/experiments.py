@@ -33,7 +33,7 @@ def run_label_efficiency(config: str | Path, init: str | Path, out: str | Path, 
                 cfg = load_seg_config(config, list(overrides or []) + [f"label_ratio={ratio}", f"seed={seed}",
                                                                        f"data.cache={out / 'cache'}"])
                 r = run_finetune_seg(cfg, out / f"{arm}_r{ratio}_s{seed}", init=str(init),
-                                     load_weights=arm == "pretrained", progress=progress)
+                                     load_weights=arm == "pretrained", progress=progress, resume=True)
                 runs.append({"arm": arm, "ratio": ratio, "seed": seed, "mean_dice": r["val"]["mean_dice"],
                              "dice_per_class": r["val"].get("dice_per_class", []), "n_train": r["n_train"],
                              "seconds": r["seconds"]})

@@ -2,12 +2,13 @@
 
 Each cached volume is resized (trilinear) to ``input_zyx``, encoded, mean-pooled over tokens and
 classified by a linear or MLP head. Full fine-tuning (layer-wise lr decay) or a linear probe
-(frozen encoder). Metrics on the evaluation splits: AUC, accuracy, sensitivity, specificity.
+(frozen encoder), as a task on the engine (``voxseq.train.loop``: warmup + cosine, clipping, the
+non-finite guard, autocast, DDP, checkpoints with optimiser state, ``--resume``). Metrics on the
+evaluation splits: AUC, accuracy, sensitivity, specificity.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,14 +19,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from voxseq import VoxseqError
-from voxseq.config import from_dict, load_config, save_yaml, to_dict
+from voxseq.config import from_dict, load_config, to_dict
 from voxseq.data.adapters import label_subset
 from voxseq.data.preprocess import Preprocess
 from voxseq.models.vit3d import ViT3D, ViTConfig
-from voxseq.tasks.data import DataConfig, ensure_cache, open_cache
-from voxseq.train.checkpoint import load_checkpoint, load_state_dict_checked, save_checkpoint
-from voxseq.train.metrics import MetricsLogger, Progress, read_metrics
-from voxseq.train.optim import build_optimizer, param_groups_lrd, set_lr, warmup_cosine
+from voxseq.tasks.data import DataConfig, training_cache
+from voxseq.tasks.finetune_base import FinetuneTask
+from voxseq.train.checkpoint import load_checkpoint, load_state_dict_checked
+from voxseq.train.loop import RunContext, TrainConfig, fit
 
 
 @dataclass
@@ -47,6 +48,15 @@ class ClsConfig:
     warmup_steps: int = 20
     eval_splits: list[str] = field(default_factory=lambda: ["val", "test"])
     seed: int = 0
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0  # 0: no clipping
+    grad_accum: int = 1  # micro-batches of batch_size per optimiser step
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    max_nonfinite_steps: int = 5  # skip steps with a non-finite loss or gradient; stop after this many in a row
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    device: str = "auto"
+    distributed: str = "ddp"  # ddp | fsdp2 (under torchrun)
 
 
 class Classifier(nn.Module):
@@ -84,74 +94,90 @@ def _volume_tensor(cache, i: int, size) -> torch.Tensor:
     return F.interpolate(x, size=tuple(size), mode="trilinear", align_corners=False)[0]
 
 
-def run_finetune_cls(cfg: ClsConfig, out: str | Path, init: str | None = None, progress: bool = True) -> dict[str, Any]:
-    run_dir = Path(out)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    vit = cfg.model
-    ck = load_checkpoint(init) if init else None
-    if ck is not None:
-        vit = from_dict(ViTConfig, ck.meta["model"])
-        if cfg.use_init_preprocess and "preprocess" in ck.meta:
-            cfg.data.preprocess = from_dict(Preprocess, ck.meta["preprocess"])
-    if any(s % vit.patch_size for s in cfg.input_zyx):
-        raise VoxseqError(f"input_zyx {cfg.input_zyx} must be multiples of the patch size {vit.patch_size}")
-    model = Classifier(vit, cfg.head)
-    how = "encoder from scratch"
-    if ck is not None:
-        rep = load_state_dict_checked(model.encoder, ck.state_dict, prefix_map={"encoder.": ""})
-        how = f"encoder from {ck.path.name}: {len(rep.loaded)} tensors loaded"
-    cfg.model = vit
-    ensure_cache(cfg.data, run_dir, progress)
-    cache = open_cache(Path(cfg.data.cache) if cfg.data.cache else run_dir / "cache", None, cfg.data.label_map)
-    have = [i for i in range(len(cache)) if cfg.label_key in cache.entry(i).get("classes", {})]
-    if not have:
-        raise VoxseqError(f"no cached volume has the class {cfg.label_key!r} (manifest `classes`)")
-    label = {i: float(cache.entry(i)["classes"][cfg.label_key]) for i in have}
-    train = [i for i in have if cache.entry(i)["split"] == "train"]
-    rng = np.random.default_rng(cfg.seed)
-    keep = label_subset([cache.entry(i)["id"] for i in train], cfg.label_ratio, cfg.seed)
-    train = [i for i in train if cache.entry(i)["id"] in keep]
-    evals = [i for i in have if cache.entry(i)["split"] in cfg.eval_splits]
-    if not train or not evals:
-        raise VoxseqError(f"need training and evaluation volumes with {cfg.label_key!r}; have {len(train)} / {len(evals)}")
-    save_yaml(to_dict(cfg), run_dir / "config.yaml")
-    if cfg.linear_probe:
-        for p in model.encoder.parameters():
-            p.requires_grad_(False)
-    groups = param_groups_lrd(model, cfg.weight_decay, cfg.layer_decay, model.encoder.num_layers)
-    optimizer = build_optimizer(groups, cfg.lr, (0.9, 0.999))
-    inputs = {i: _volume_tensor(cache, i, cfg.input_zyx) for i in train + evals}  # small volumes: keep resized
-    logger = MetricsLogger(run_dir)
-    bar = Progress(cfg.max_steps, 0, f"finetune cls ({how})", enabled=progress)
-    t0 = time.perf_counter()
-    try:
-        for step in range(cfg.max_steps):
-            lr = set_lr(optimizer, cfg.lr, warmup_cosine(step, cfg.warmup_steps, cfg.max_steps))
-            batch = [train[int(rng.integers(len(train)))] for _ in range(cfg.batch_size)]
-            x = torch.stack([inputs[i] for i in batch])
-            y = torch.tensor([label[i] for i in batch])
-            loss = F.binary_cross_entropy_with_logits(model(x), y)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            logger.log({"step": step, "loss": loss.item(), "lr": lr})
-            bar.update(step + 1, loss=loss.item(), lr=lr)
-    finally:
-        bar.close()
-        logger.close()
-    model.eval()
-    with torch.no_grad():
-        scores = np.array([torch.sigmoid(model(inputs[i][None]))[0].item() for i in evals])
-    metrics = binary_metrics(scores, np.array([label[i] for i in evals]))
-    meta = {"task": "finetune-cls", "config": to_dict(cfg), "model": to_dict(vit), "preprocess": to_dict(cfg.data.preprocess),
-            "model_class": "Classifier", "init": str(init) if init else None, "eval": metrics}
-    save_checkpoint(run_dir, cfg.max_steps, model, meta=meta)
-    from voxseq.train.plots import plot_loss_curve
+class ClsTask(FinetuneTask):
+    """Classification fine-tuning (or a linear probe) on the engine: resized volumes, BCE on the logit,
+    AdamW with layer-wise lr decay; AUC/accuracy/sensitivity/specificity at the end (in the final
+    checkpoint's metadata)."""
 
-    plot_loss_curve(read_metrics(run_dir), run_dir / "plots" / "loss_curve.png", title="classification loss")
-    return {"run_dir": str(run_dir), "metrics": metrics, "how": how, "n_train": len(train), "n_eval": len(evals),
-            "seconds": time.perf_counter() - t0}
+    kind, curve_title = "cls", "classification loss"
+
+    def __init__(self, cfg: ClsConfig, init: str | None = None):
+        self.cfg, self.init = cfg, init
+
+    def setup(self, ctx: RunContext) -> None:
+        cfg, run_dir = self.cfg, ctx.run_dir
+        self.ctx = ctx
+        vit = cfg.model
+        ck = load_checkpoint(self.init) if self.init else None
+        if ck is not None:
+            vit = from_dict(ViTConfig, ck.meta["model"])
+            if cfg.use_init_preprocess and "preprocess" in ck.meta:
+                cfg.data.preprocess = from_dict(Preprocess, ck.meta["preprocess"])
+        if any(s % vit.patch_size for s in cfg.input_zyx):
+            raise VoxseqError(f"input_zyx {cfg.input_zyx} must be multiples of the patch size {vit.patch_size}")
+        self.model = model = Classifier(vit, cfg.head)
+        self.how = "encoder from scratch"
+        if ck is not None:
+            rep = load_state_dict_checked(model.encoder, ck.state_dict, prefix_map={"encoder.": ""})
+            self.how = f"encoder from {ck.path.name}: {len(rep.loaded)} tensors loaded"
+        cfg.model = vit
+        cache = training_cache(cfg.data, run_dir, None, main=ctx.main, progress=ctx.progress)
+        have = [i for i in range(len(cache)) if cfg.label_key in cache.entry(i).get("classes", {})]
+        if not have:
+            raise VoxseqError(f"no cached volume has the class {cfg.label_key!r} (manifest `classes`)")
+        self.label = {i: float(cache.entry(i)["classes"][cfg.label_key]) for i in have}
+        train = [i for i in have if cache.entry(i)["split"] == "train"]
+        self.rng = self.batch_rng(cfg.seed, ctx.rank)
+        keep = label_subset([cache.entry(i)["id"] for i in train], cfg.label_ratio, cfg.seed)
+        self.train = [i for i in train if cache.entry(i)["id"] in keep]
+        self.evals = [i for i in have if cache.entry(i)["split"] in cfg.eval_splits]
+        if not self.train or not self.evals:
+            raise VoxseqError(f"need training and evaluation volumes with {cfg.label_key!r}; "
+                              f"have {len(self.train)} / {len(self.evals)}")
+        if cfg.linear_probe:
+            for p in model.encoder.parameters():
+                p.requires_grad_(False)
+        self.inputs = {i: _volume_tensor(cache, i, cfg.input_zyx) for i in self.train + self.evals}  # small: keep resized
+        self.metrics: dict[str, float] | None = None
+
+    def batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = [self.train[int(self.rng.integers(len(self.train)))] for _ in range(self.cfg.batch_size)]
+        x = torch.stack([self.inputs[i] for i in batch])
+        y = torch.tensor([self.label[i] for i in batch])
+        return x.to(self.ctx.device), y.to(self.ctx.device)
+
+    def loss(self, net, batch, step: int, micro: int):
+        x, y = batch
+        return F.binary_cross_entropy_with_logits(net(x).float(), y), {}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        model, device = self.model, self.ctx.device
+        model.eval()
+        scores = np.array([torch.sigmoid(model(self.inputs[i][None].to(device)).float())[0].item() for i in self.evals])
+        model.train()
+        return binary_metrics(scores, np.array([self.label[i] for i in self.evals]))
+
+    def meta(self, final: bool) -> dict[str, Any]:
+        cfg = self.cfg
+        meta = {"task": "finetune-cls", "config": to_dict(cfg), "model": to_dict(cfg.model),
+                "preprocess": to_dict(cfg.data.preprocess), "model_class": "Classifier",
+                "init": str(self.init) if self.init else None}
+        if final:  # the last step's checkpoint carries the evaluation (every rank evaluates: FSDP2 shards the model)
+            self.metrics = self.evaluate()
+            meta["eval"] = self.metrics
+        return meta
+
+
+def run_finetune_cls(cfg: ClsConfig, out: str | Path, init: str | None = None, progress: bool = True,
+                     resume: bool = False) -> dict[str, Any]:
+    """Fine-tune; returns a summary (evaluation metrics, how the encoder started, case counts, seconds).
+    ``resume``: continue from the run folder's latest checkpoint (pass the same config and ``init``)."""
+    task = ClsTask(cfg, init)
+    r = fit(task, TrainConfig.of(cfg, betas=[0.9, 0.999]), out, resume=resume, progress=progress)
+    metrics = task.metrics if task.metrics is not None else load_checkpoint(out).meta.get("eval", {})
+    return {"run_dir": str(out), "metrics": metrics, "how": task.how, "n_train": len(task.train),
+            "n_eval": len(task.evals), "seconds": r.get("seconds", 0.0)}
 
 
 def load_cls_config(path, overrides=None) -> ClsConfig:

@@ -1,15 +1,15 @@
 """`voxseq finetune seg`: UNETR segmentation on a (pretrained) voxseq ViT, and `voxseq predict`.
 
-Training: random ROI crops from the cache (half of them centred on a labelled voxel), DiceCE loss
-(MONAI), AdamW with MAE-style layer-wise lr decay and warmup + cosine, Dice per class on the
-validation split by sliding-window inference (MONAI). ``--init`` loads the encoder of any voxseq
+Training, a task on the engine (``voxseq.train.loop``: warmup + cosine, clipping, the non-finite
+guard, autocast, DDP, checkpoints with optimiser state, ``--resume``): random ROI crops from the
+cache (half of them centred on a labelled voxel), DiceCE loss (MONAI), AdamW with MAE-style
+layer-wise lr decay, Dice per class on the validation split by sliding-window inference (MONAI). ``--init`` loads the encoder of any voxseq
 checkpoint and, unless the config sets one, its preprocessing, so that fine-tuning sees volumes
 exactly as pretraining did. Predictions are written in each input file's own geometry.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,16 +18,16 @@ import numpy as np
 import torch
 
 from voxseq import VoxseqError
-from voxseq.config import from_dict, load_config, save_yaml, to_dict
+from voxseq.config import from_dict, load_config, to_dict
 from voxseq.data.adapters import label_subset, split_ids
 from voxseq.data.preprocess import Preprocess, to_source_grid
 from voxseq.models.unetr import UNETR3D, UNETRConfig
 from voxseq.models.vit3d import ViTConfig
 from voxseq.sequence.samplers import read_window
-from voxseq.tasks.data import DataConfig, ensure_cache, open_cache
-from voxseq.train.checkpoint import load_checkpoint, load_state_dict_checked, save_checkpoint
-from voxseq.train.metrics import MetricsLogger, Progress, read_metrics
-from voxseq.train.optim import build_optimizer, param_groups_lrd, set_lr, warmup_cosine
+from voxseq.tasks.data import DataConfig, open_cache, training_cache
+from voxseq.tasks.finetune_base import FinetuneTask
+from voxseq.train.checkpoint import load_checkpoint, load_state_dict_checked
+from voxseq.train.loop import RunContext, StepInfo, TrainConfig, fit
 
 
 @dataclass
@@ -53,6 +53,12 @@ class SegConfig:
     eval_every: int = 0  # 0: only at the end
     checkpoint_every: int = 100
     seed: int = 0
+    keep_checkpoints: int = 3
+    grad_accum: int = 1  # micro-batches of batch_size per optimiser step
+    max_nonfinite_steps: int = 5  # skip steps with a non-finite loss or gradient; stop after this many in a row
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    device: str = "auto"
+    distributed: str = "ddp"  # ddp | fsdp2 (under torchrun)
 
 
 def load_seg_config(path, overrides=None) -> SegConfig:
@@ -109,7 +115,8 @@ def sliding_predict(model: UNETR3D, image: np.ndarray, roi, overlap: float) -> n
 
     model.eval()
     x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
-    logits = sliding_window_inference(x, roi, 1, model, overlap=overlap, mode="gaussian")
+    device = next(model.parameters()).device  # windows on the model's device, the whole volume's logits on the CPU
+    logits = sliding_window_inference(x, roi, 1, model, overlap=overlap, mode="gaussian", sw_device=device, device="cpu")
     model.train()
     return logits.argmax(1)[0].numpy().astype(np.uint8)
 
@@ -136,76 +143,97 @@ def evaluate_seg(model: UNETR3D, cache, indices: list[int], cfg: SegConfig) -> d
             "dice_per_class": [float(v) for v in per_class], "per_case": per_case}
 
 
+class SegTask(FinetuneTask):
+    """UNETR fine-tuning on the engine: random ROI crops (half on a labelled voxel), DiceCE loss, AdamW with
+    layer-wise lr decay; Dice on the validation cases at the end (in the final checkpoint's metadata)."""
+
+    kind, curve_title = "seg", "segmentation fine-tuning loss"
+
+    def __init__(self, cfg: SegConfig, init: str | None = None, load_weights: bool = True):
+        self.cfg, self.init, self.load_weights = cfg, init, load_weights
+
+    def setup(self, ctx: RunContext) -> None:
+        from monai.losses import DiceCELoss
+
+        cfg, run_dir = self.cfg, ctx.run_dir
+        self.ctx = ctx
+        self.model, init_pre, self.how = build_seg_model(cfg, self.init, self.load_weights)
+        if init_pre is not None and cfg.use_init_preprocess:
+            cfg.data.preprocess = init_pre
+        patch = self.model.encoder.cfg.patch_size
+        if any(r % patch for r in cfg.roi_zyx):
+            raise VoxseqError(f"roi_zyx {cfg.roi_zyx} must be multiples of the patch size {patch}")
+        cfg.model = self.model.encoder.cfg
+        self.cache = cache = training_cache(cfg.data, run_dir, None, main=ctx.main, progress=ctx.progress)
+        labelled = [i for i in range(len(cache)) if cache.entry(i).get("has_label")]
+        if not labelled:
+            raise VoxseqError("no labelled volumes in the cache: segmentation needs labels")
+        ids = [cache.entry(i)["id"] for i in labelled]
+        splits = {i: cache.entry(i)["split"] for i in labelled}
+        if not any(s == "val" for s in splits.values()):  # no validation split given: make one, fixed seed
+            auto = split_ids(ids, (0.8, 0.2, 0.0), seed=cfg.seed)
+            splits = {i: auto[cache.entry(i)["id"]] if auto[cache.entry(i)["id"]] != "test" else "val" for i in labelled}
+        train = [i for i in labelled if splits[i] == "train"]
+        keep = label_subset([cache.entry(i)["id"] for i in train], cfg.label_ratio, cfg.seed)
+        self.train = [i for i in train if cache.entry(i)["id"] in keep]
+        self.val = [i for i in labelled if splits[i] in cfg.eval_splits]
+        self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+        self._meta = {"task": "finetune-seg", "config": to_dict(cfg), "model": to_dict(cfg.model),
+                      "unetr": to_dict(cfg.unetr), "preprocess": to_dict(cfg.data.preprocess), "model_class": "UNETR3D",
+                      "init": str(self.init) if self.init and self.load_weights else None,
+                      "train_ids": [cache.entry(i)["id"] for i in self.train],
+                      "val_ids": [cache.entry(i)["id"] for i in self.val]}
+        self.rng = self.batch_rng(cfg.seed, ctx.rank)
+        self.result: dict[str, Any] | None = None
+
+    def batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg, train, rng = self.cfg, self.train, self.rng
+        crops = [sample_crop(self.cache, train[int(rng.integers(len(train)))], cfg.roi_zyx, rng, cfg.pos_fraction)
+                 for _ in range(cfg.batch_size)]
+        x = torch.from_numpy(np.stack([c[0] for c in crops]))  # (B, C, D, H, W)
+        y = torch.from_numpy(np.stack([c[1] for c in crops]))[:, None]  # (B, 1, D, H, W)
+        return x.to(self.ctx.device), y.to(self.ctx.device)
+
+    def loss(self, net, batch, step: int, micro: int):
+        x, y = batch
+        return self.loss_fn(net(x), y), {}
+
+    def row(self, info: StepInfo) -> dict[str, Any]:
+        row = super().row(info)
+        if self.cfg.eval_every and (info.step + 1) % self.cfg.eval_every == 0 and self.val:
+            row["val_mean_dice"] = evaluate_seg(self.model, self.cache, self.val, self.cfg)["mean_dice"]
+        return row
+
+    def meta(self, final: bool) -> dict[str, Any]:
+        if not final:
+            return self._meta
+        # the last step's checkpoint carries the validation Dice (every rank evaluates: FSDP2 shards the model)
+        self.result = evaluate_seg(self.model, self.cache, self.val, self.cfg) if self.val else {"mean_dice": float("nan")}
+        return {**self._meta, "val": {k: v for k, v in self.result.items() if k != "per_case"}}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The crop generator and the foreground voxels drawn so far (drawn from it, once per volume)."""
+        fg = {str(i): torch.from_numpy(np.asarray(self.cache.entry(i)["fg_sample"], dtype=np.int64))
+              for i in range(len(self.cache)) if "fg_sample" in self.cache.entry(i)}
+        return {**super().state_dict(), "fg_sample": fg}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        for i, fg in state.get("fg_sample", {}).items():
+            self.cache.entry(int(i))["fg_sample"] = fg.numpy()
+
+
 def run_finetune_seg(cfg: SegConfig, out: str | Path, init: str | None = None, progress: bool = True,
-                     load_weights: bool = True) -> dict[str, Any]:
-    from monai.losses import DiceCELoss
-
-    run_dir = Path(out)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    model, init_pre, how = build_seg_model(cfg, init, load_weights)
-    if init_pre is not None and cfg.use_init_preprocess:
-        cfg.data.preprocess = init_pre
-    if any(r % model.encoder.cfg.patch_size for r in cfg.roi_zyx):
-        raise VoxseqError(f"roi_zyx {cfg.roi_zyx} must be multiples of the patch size {model.encoder.cfg.patch_size}")
-    cfg.model = model.encoder.cfg
-    ensure_cache(cfg.data, run_dir, progress)
-    cache = open_cache(Path(cfg.data.cache) if cfg.data.cache else run_dir / "cache", None, cfg.data.label_map)
-    labelled = [i for i in range(len(cache)) if cache.entry(i).get("has_label")]
-    if not labelled:
-        raise VoxseqError("no labelled volumes in the cache: segmentation needs labels")
-    ids = [cache.entry(i)["id"] for i in labelled]
-    splits = {i: cache.entry(i)["split"] for i in labelled}
-    if not any(s == "val" for s in splits.values()):  # no validation split given: make one, fixed seed
-        auto = split_ids(ids, (0.8, 0.2, 0.0), seed=cfg.seed)
-        splits = {i: auto[cache.entry(i)["id"]] if auto[cache.entry(i)["id"]] != "test" else "val" for i in labelled}
-    train = [i for i in labelled if splits[i] == "train"]
-    keep = label_subset([cache.entry(i)["id"] for i in train], cfg.label_ratio, cfg.seed)
-    train = [i for i in train if cache.entry(i)["id"] in keep]
-    val = [i for i in labelled if splits[i] in cfg.eval_splits]
-    save_yaml(to_dict(cfg), run_dir / "config.yaml")
-
-    groups = param_groups_lrd(model, cfg.weight_decay, cfg.layer_decay, model.encoder.num_layers)
-    optimizer = build_optimizer(groups, cfg.lr, (0.9, 0.999))
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    logger = MetricsLogger(run_dir)
-    bar = Progress(cfg.max_steps, 0, f"finetune seg ({how})", enabled=progress)
-    meta = {"task": "finetune-seg", "config": to_dict(cfg), "model": to_dict(cfg.model), "unetr": to_dict(cfg.unetr),
-            "preprocess": to_dict(cfg.data.preprocess), "model_class": "UNETR3D",
-            "init": str(init) if init and load_weights else None,
-            "train_ids": [cache.entry(i)["id"] for i in train], "val_ids": [cache.entry(i)["id"] for i in val]}
-    rng = np.random.default_rng(cfg.seed)
-    t0 = time.perf_counter()
-    try:
-        for step in range(cfg.max_steps):
-            lr = set_lr(optimizer, cfg.lr, warmup_cosine(step, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
-            crops = [sample_crop(cache, train[int(rng.integers(len(train)))], cfg.roi_zyx, rng, cfg.pos_fraction)
-                     for _ in range(cfg.batch_size)]
-            x = torch.from_numpy(np.stack([c[0] for c in crops]))  # (B, C, D, H, W)
-            y = torch.from_numpy(np.stack([c[1] for c in crops]))[:, None]  # (B, 1, D, H, W)
-            loss = loss_fn(model(x), y)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            row = {"step": step, "loss": loss.item(), "lr": lr}
-            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and val:
-                row["val_mean_dice"] = evaluate_seg(model, cache, val, cfg)["mean_dice"]
-            logger.log(row)
-            bar.update(step + 1, loss=row["loss"], lr=lr)
-            if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.max_steps:
-                save_checkpoint(run_dir, step + 1, model, meta=meta)
-    finally:
-        bar.close()
-        logger.close()
-    result = evaluate_seg(model, cache, val, cfg) if val else {"mean_dice": float("nan")}
-    meta["val"] = {k: v for k, v in result.items() if k != "per_case"}
-    save_checkpoint(run_dir, cfg.max_steps, model, meta=meta)
-    from voxseq.train.plots import plot_loss_curve
-
-    plot_loss_curve(read_metrics(run_dir), run_dir / "plots" / "loss_curve.png", title="segmentation fine-tuning loss")
-    return {"run_dir": str(run_dir), "val": result, "seconds": time.perf_counter() - t0, "how": how,
-            "n_train": len(train), "n_val": len(val)}
+                     load_weights: bool = True, resume: bool = False) -> dict[str, Any]:
+    """Fine-tune; returns a summary (validation Dice, seconds, how the encoder started, case counts).
+    ``resume``: continue from the run folder's latest checkpoint (pass the same config and ``init``)."""
+    task = SegTask(cfg, init, load_weights)
+    r = fit(task, TrainConfig.of(cfg, betas=[0.9, 0.999]), out, resume=resume, progress=progress)
+    val = task.result
+    if val is None:  # resumed a finished run: the final checkpoint's record
+        val = load_checkpoint(out).meta.get("val", {"mean_dice": float("nan")})
+    return {"run_dir": str(out), "val": val, "seconds": r.get("seconds", 0.0), "how": task.how,
+            "n_train": len(task.train), "n_val": len(task.val)}
 
 
 def evaluate_checkpoint(checkpoint: str | Path, split: str = "val", out: str | Path | None = None) -> dict[str, Any]:

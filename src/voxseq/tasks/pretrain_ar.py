@@ -1,9 +1,9 @@
 """`voxseq pretrain ar`: autoregressive pretraining of the 3D ViT on token sequences (AR-SSL4M).
 
-Wires the cache (data), the sequence sampler, the AR model and the norm-pixel objective into one
-training loop: AdamW (no decay on norms, biases, special tokens), warmup + cosine, gradient clipping
-and accumulation, bf16 autocast on GPUs, optional torch.compile, DDP/FSDP2 under torchrun, atomic
-checkpoints and exact resume.
+A task on the training engine (``voxseq.train.loop``): the cache (data), the sequence sampler, the
+AR model and the norm-pixel objective, with AdamW (no decay on norms, biases, special tokens); the
+engine adds warmup + cosine, gradient clipping and accumulation, bf16 autocast on GPUs, optional
+torch.compile, DDP/FSDP2 under torchrun, atomic checkpoints and exact resume.
 
 Exact resume: sequences depend only on their global index, prefix lengths on (seed, step, rank),
 the schedule on the step, and the model/optimiser/RNG states are restored, so the steps after
@@ -12,8 +12,6 @@ the schedule on the step, and the model/optimiser/RNG states are restored, so th
 
 from __future__ import annotations
 
-import contextlib
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,16 +19,15 @@ from typing import Any
 import torch
 
 from voxseq import VoxseqError
-from voxseq.config import load_config, require_at_least, save_yaml, to_dict
+from voxseq.config import load_config, require_at_least, to_dict
 from voxseq.models.vit3d import ARViT3D, ViTConfig, count_params, flops_per_token
 from voxseq.objectives.ar import norm_pixel_loss, prefix_loss_mask
 from voxseq.sequence import ResumableSampler, SequenceConfig, SequenceDataset, collate_sequences
-from voxseq.tasks.data import DataConfig, ensure_cache, open_cache
-from voxseq.train import distributed as dist_utils
-from voxseq.train.checkpoint import checkpoint_to_resume, load_checkpoint, load_state_dict_checked
-from voxseq.train.guards import NonFiniteGuard, clip_gradients
-from voxseq.train.metrics import MetricsLogger, Progress, read_metrics
-from voxseq.train.optim import build_optimizer, param_groups, set_lr, warmup_cosine
+from voxseq.tasks.data import DataConfig, training_cache
+from voxseq.train.checkpoint import load_checkpoint
+from voxseq.train.loop import RunContext, StepInfo, TrainConfig, TrainTask, fit
+from voxseq.train.metrics import read_metrics
+from voxseq.train.optim import build_optimizer, param_groups
 
 
 @dataclass
@@ -86,100 +83,80 @@ def _batches(loader):
         yield from loader
 
 
+class ARPretrainTask(TrainTask):
+    """AR-SSL4M on the engine: sequences from the cache, norm-pixel loss on the tokens after the prefix."""
+
+    def __init__(self, cfg: ARPretrainConfig):
+        self.cfg = cfg
+
+    def setup(self, ctx: RunContext) -> None:
+        cfg, self.ctx = self.cfg, ctx
+        self.source = training_cache(cfg.data, ctx.run_dir, cfg.data.split, main=ctx.main, progress=ctx.progress)
+        self.dataset = SequenceDataset(self.source, cfg.sequence)
+        self.flops_tok = flops_per_token(cfg.model, cfg.sequence.seq_len(self.dataset.kinds[0]) + 1)
+
+    def build_model(self, ctx: RunContext) -> ARViT3D:
+        return ARViT3D(self.cfg.model)
+
+    def build_optimizers(self, model, ctx):
+        return [build_optimizer(param_groups(model, self.cfg.weight_decay), self.cfg.lr, self.cfg.betas)]
+
+    def description(self, model) -> str:
+        return f"pretrain ar ({count_params(model) / 1e6:.1f}M params)"
+
+    def config_dict(self) -> dict[str, Any]:
+        return {**to_dict(self.cfg), "preprocess": to_dict(self.source.preprocess)}
+
+    def meta(self, final: bool) -> dict[str, Any]:
+        return {"task": "pretrain-ar", "config": to_dict(self.cfg), "preprocess": to_dict(self.source.preprocess),
+                "model": to_dict(self.cfg.model), "model_class": "ARViT3D"}
+
+    def start(self, step: int, ctx: RunContext) -> None:
+        cfg = self.cfg
+        self.sampler = ResumableSampler(start=step * cfg.batch_size * cfg.grad_accum * ctx.world, world_size=ctx.world,
+                                        rank=ctx.rank)
+        loader = torch.utils.data.DataLoader(self.dataset, batch_size=cfg.batch_size, sampler=self.sampler,
+                                             num_workers=cfg.data.loader_workers, collate_fn=collate_sequences,
+                                             pin_memory=ctx.device.type == "cuda",
+                                             persistent_workers=cfg.data.loader_workers > 0)
+        self.batches = _batches(loader)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sampler": self.sampler.state_dict()}  # informative: the sampler restarts from the step
+
+    def batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
+        batch = next(self.batches)
+        device = self.ctx.device
+        x = batch["tokens"].to(device, non_blocking=True)  # (B, L, p^3)
+        b, length, _ = x.shape
+        prefix = prefix_for_step(self.cfg, step, micro, self.ctx.rank, b, length).to(device)
+        return {"x": x, "pos": batch["pos"].to(device, non_blocking=True), "prefix": prefix,
+                "mask": prefix_loss_mask(prefix, length) & batch["valid"].to(device)}
+
+    def loss(self, net, batch, step: int, micro: int):
+        x = batch["x"]
+        pred = net(x, batch["pos"], batch["prefix"])
+        return norm_pixel_loss(pred, x, batch["mask"], normalize=self.cfg.norm_pix), {"tokens": x.shape[0] * x.shape[1]}
+
+    def row(self, info: StepInfo) -> dict[str, Any]:
+        tok_s = info.per_second("tokens")
+        return {"step": info.step, "loss": info.loss, "lr": info.lr, "tokens_per_s": tok_s, "grad_norm": info.grad_norm,
+                "step_time_s": info.seconds, "model_tflops": tok_s * self.flops_tok / 1e12}
+
+    def progress_info(self, info: StepInfo) -> dict[str, float]:
+        return {"tok_s": info.per_second("tokens")}
+
+    def on_end(self, summary: dict[str, Any]) -> dict[str, Any]:
+        if self.ctx.main:  # plots from the saved full weights: the live model may be sharded across ranks (FSDP2)
+            plain = ARViT3D(self.cfg.model)
+            plain.load_state_dict(load_checkpoint(self.ctx.run_dir).state_dict)
+            make_ar_plots(self.ctx.run_dir, plain, self.dataset, torch.device("cpu"))
+        return summary
+
+
 def run_pretrain_ar(cfg: ARPretrainConfig, out: str | Path, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train; returns a summary (first/last loss, steps, seconds, run folder)."""
-    rank, world, _ = dist_utils.init_distributed()
-    main = rank == 0
-    device = dist_utils.pick_device(cfg.device)
-    run_dir = Path(out)
-    torch.manual_seed(cfg.seed + rank)
-
-    if main:  # one process prepares the cache, the others wait and read it
-        run_dir.mkdir(parents=True, exist_ok=True)
-        ensure_cache(cfg.data, run_dir, progress)
-    dist_utils.barrier()
-    source = open_cache(Path(cfg.data.cache) if cfg.data.cache else run_dir / "cache", cfg.data.split)
-    dataset = SequenceDataset(source, cfg.sequence)
-    seq_len = cfg.sequence.seq_len(dataset.kinds[0])
-
-    model = ARViT3D(cfg.model).to(device)
-    ck = checkpoint_to_resume(run_dir, resume)
-    if ck is not None:  # full weights into the plain module, before DDP/FSDP2 wrap (and shard) it
-        load_state_dict_checked(model, ck.state_dict, strict=True)
-    net = dist_utils.wrap_model(model, cfg.distributed, device)
-    optimizer = build_optimizer(param_groups(model, cfg.weight_decay), cfg.lr, cfg.betas)  # after FSDP2's sharding
-    start = dist_utils.restore_training_state(model, optimizer, ck) if ck is not None else 0
-    if main:
-        save_yaml({**to_dict(cfg), "preprocess": to_dict(source.preprocess)}, run_dir / "config.yaml")
-    if start >= cfg.max_steps:
-        return {"run_dir": str(run_dir), "steps": start, "message": "already finished"}
-
-    if cfg.compile:
-        net = torch.compile(net)
-    per_step = cfg.batch_size * cfg.grad_accum
-    sampler = ResumableSampler(start=start * per_step * world, world_size=world, rank=rank)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler,
-                                         num_workers=cfg.data.loader_workers, collate_fn=collate_sequences,
-                                         pin_memory=device.type == "cuda", persistent_workers=cfg.data.loader_workers > 0)
-    batches = _batches(loader)
-    logger = MetricsLogger(run_dir, resume_step=start - 1 if resume else None, enabled=main)
-    bar = Progress(cfg.max_steps, start, f"pretrain ar ({count_params(model) / 1e6:.1f}M params)", enabled=main and progress)
-    meta = {"task": "pretrain-ar", "config": to_dict(cfg), "preprocess": to_dict(source.preprocess),
-            "model": to_dict(cfg.model), "model_class": "ARViT3D"}
-    flops_tok = flops_per_token(cfg.model, seq_len + 1)
-    guard = NonFiniteGuard(cfg.max_nonfinite_steps, run_dir)
-    first_loss = last_loss = None
-    t_run = time.perf_counter()
-    try:
-        for step in range(start, cfg.max_steps):
-            t0 = time.perf_counter()
-            lr = set_lr(optimizer, cfg.lr, warmup_cosine(step, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
-            loss_sum, tokens = 0.0, 0
-            for micro in range(cfg.grad_accum):
-                batch = next(batches)
-                x = batch["tokens"].to(device, non_blocking=True)  # (B, L, p^3)
-                pos = batch["pos"].to(device, non_blocking=True)  # (B, L, 4)
-                b, length, _ = x.shape
-                prefix = prefix_for_step(cfg, step, micro, rank, b, length).to(device)
-                mask = prefix_loss_mask(prefix, length) & batch["valid"].to(device)
-                sync = micro == cfg.grad_accum - 1 or not hasattr(net, "no_sync")
-                ctx = net.no_sync() if not sync else contextlib.nullcontext()
-                with ctx, dist_utils.autocast_context(device, cfg.precision):
-                    pred = net(x, pos, prefix)
-                    loss = norm_pixel_loss(pred, x, mask, normalize=cfg.norm_pix)
-                (loss / cfg.grad_accum).backward()
-                loss_sum += loss.item()
-                tokens += b * length
-            grad_norm = clip_gradients(model.parameters(), cfg.grad_clip)
-            loss_val = float(dist_utils.all_reduce_mean(torch.tensor(loss_sum / cfg.grad_accum)))
-            dt = time.perf_counter() - t0
-            tok_s = tokens * world / dt
-            if guard.should_skip(step, loss_val, grad_norm):  # no update; the run stops after too many in a row
-                logger.log({"step": step, "skipped": "non-finite loss or gradient", "lr": lr})
-            else:
-                optimizer.step()
-                first_loss = loss_val if first_loss is None else first_loss
-                last_loss = loss_val
-                if step % cfg.log_every == 0 or step == cfg.max_steps - 1:
-                    logger.log({"step": step, "loss": loss_val, "lr": lr, "tokens_per_s": tok_s, "grad_norm": grad_norm,
-                                "step_time_s": dt, "model_tflops": tok_s * flops_tok / 1e12})
-            optimizer.zero_grad(set_to_none=True)
-            bar.update(step + 1, loss=loss_val, lr=lr, tok_s=tok_s)
-            done = step + 1
-            if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
-                dist_utils.save_training_checkpoint(run_dir, done, model, optimizer, main=main, meta=meta,
-                                                    keep_last=cfg.keep_checkpoints,
-                                                    extra_state={"sampler": sampler.state_dict()})
-    finally:
-        bar.close()
-        logger.close()
-    seconds = time.perf_counter() - t_run
-    if main:  # plots from the saved full weights: the live model may be sharded across ranks (FSDP2)
-        plain = ARViT3D(cfg.model)
-        plain.load_state_dict(load_checkpoint(run_dir).state_dict)
-        make_ar_plots(run_dir, plain, dataset, torch.device("cpu"))
-    return {"run_dir": str(run_dir), "steps": cfg.max_steps, "first_loss": first_loss, "last_loss": last_loss,
-            "seconds": seconds, "rank": rank}
+    return fit(ARPretrainTask(cfg), TrainConfig.of(cfg), out, resume=resume, progress=progress)
 
 
 # ---------------------------------------------------------------------------- figures
@@ -239,5 +216,5 @@ def plot_reconstruction(model: ARViT3D, dataset: SequenceDataset, path: Path, de
     return save_figure(fig, path)
 
 
-__all__ = ["ARPretrainConfig", "load_ar_config", "make_ar_plots", "plot_reconstruction",
+__all__ = ["ARPretrainConfig", "ARPretrainTask", "load_ar_config", "make_ar_plots", "plot_reconstruction",
            "predict_sequence", "run_pretrain_ar"]

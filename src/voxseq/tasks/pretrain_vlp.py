@@ -2,15 +2,15 @@
 
 Wires the cache, the chunk-text sampler (variable-thickness z-chunks packed into rows with
 block-diagonal attention), the SigVLP two-tower model and the SigLIP loss (negatives exchanged between
-ranks) into the same loop features as AR pretraining: warmup + cosine, Muon for the hidden weight
-matrices + AdamW for the rest (or AdamW alone), gradient clipping, bf16 autocast on GPUs, DDP/FSDP2
-under torchrun, atomic checkpoints and exact resume (batches are a pure function of the step and rank).
+ranks), with Muon for the hidden weight matrices + AdamW for the rest (or AdamW alone), as a task on
+the training engine (``voxseq.train.loop``): warmup + cosine, gradient clipping, bf16 autocast on
+GPUs, DDP/FSDP2 under torchrun, atomic checkpoints and exact resume (batches are a pure function of
+the step and rank).
 """
 
 from __future__ import annotations
 
 import functools
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,18 +18,17 @@ from typing import Any
 import torch
 
 from voxseq import VoxseqError
-from voxseq.config import load_config, require_at_least, save_yaml, to_dict
+from voxseq.config import load_config, require_at_least, to_dict
 from voxseq.data.preprocess import Preprocess
 from voxseq.models.vit3d import count_params
 from voxseq.models.vlp import SigVLP, VLPModelConfig, load_tokenizer, vlp_meta
 from voxseq.objectives.siglip import SigLipLoss, key_tensor
 from voxseq.sequence.chunks import ChunkBatchSampler, ChunkConfig, ChunkTextDataset, collate_packed, padding_waste
-from voxseq.tasks.data import DataConfig, ensure_cache, open_cache
-from voxseq.train import distributed as dist_utils
-from voxseq.train.checkpoint import checkpoint_to_resume, load_checkpoint, load_state_dict_checked
-from voxseq.train.guards import NonFiniteGuard, clip_gradients
-from voxseq.train.metrics import MetricsLogger, Progress, read_metrics
-from voxseq.train.optim import build_optimizers, set_lr_all, warmup_cosine
+from voxseq.tasks.data import DataConfig, training_cache
+from voxseq.train.checkpoint import load_checkpoint, load_state_dict_checked
+from voxseq.train.loop import RunContext, StepInfo, TrainConfig, TrainTask, fit
+from voxseq.train.metrics import read_metrics
+from voxseq.train.optim import build_optimizers
 
 
 def _ct_preprocess() -> Preprocess:
@@ -87,97 +86,86 @@ def tokenize(tokenizer, texts: list[str], max_length: int) -> dict[str, torch.Te
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
+class VLPPretrainTask(TrainTask):
+    """SigVLP on the engine: packed chunk-text batches, the two towers and the SigLIP loss."""
+
+    def __init__(self, cfg: VLPPretrainConfig):
+        self.cfg = cfg
+
+    def setup(self, ctx: RunContext) -> None:
+        cfg, self.ctx = self.cfg, ctx
+        self.source = source = training_cache(cfg.data, ctx.run_dir, cfg.data.split, main=ctx.main, progress=ctx.progress)
+        channels = {int(source.entry(i).get("channels", 1)) for i in range(len(source))}
+        if channels != {cfg.model.vision.in_chans}:
+            raise VoxseqError(f"the cache's volumes have {sorted(channels)} channel(s) (preprocess.hu_windows gives one "
+                              f"per window) but model.vision.in_chans is {cfg.model.vision.in_chans}")
+        self.dataset = ChunkTextDataset(source, cfg.chunks)
+        self.tokenizer = load_tokenizer(cfg.model.text_model)
+        self.max_len = cfg.text_max_length or cfg.model.text_max_length
+        self.loss_fn = SigLipLoss()
+
+    def build_model(self, ctx: RunContext) -> SigVLP:
+        self.model = SigVLP(self.cfg.model)
+        return self.model
+
+    def build_optimizers(self, model, ctx):
+        cfg = self.cfg
+        return build_optimizers(model, cfg.optimizer, cfg.lr, cfg.weight_decay, tuple(cfg.betas),
+                                lr_scales={"logit_scale": cfg.logit_lr_scale, "logit_bias": cfg.logit_lr_scale})
+
+    def description(self, model) -> str:
+        return f"pretrain vlp ({count_params(model) / 1e6:.1f}M params)"
+
+    def config_dict(self) -> dict[str, Any]:
+        return {**to_dict(self.cfg), "preprocess": to_dict(self.source.preprocess)}
+
+    def meta(self, final: bool) -> dict[str, Any]:
+        return {"task": "pretrain-vlp", "config": to_dict(self.cfg), "preprocess": to_dict(self.source.preprocess),
+                **vlp_meta(self.cfg.model)}
+
+    def start(self, step: int, ctx: RunContext) -> None:
+        cfg = self.cfg
+        sampler = ChunkBatchSampler(cfg.chunks_per_batch, start_step=step, num_steps=cfg.max_steps - step,
+                                    world_size=ctx.world, rank=ctx.rank)
+        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=cfg.data.loader_workers,
+                                             collate_fn=functools.partial(collate_packed, max_tokens=cfg.max_tokens),
+                                             persistent_workers=cfg.data.loader_workers > 0)
+        self.batches = iter(loader)  # batches are a pure function of the step and rank
+
+    def batch(self, step: int, micro: int) -> dict[str, Any]:
+        return next(self.batches)
+
+    def loss(self, net, batch, step: int, micro: int):
+        device, model = self.ctx.device, self.model
+        text = {k: v.to(device) for k, v in tokenize(self.tokenizer, batch["text"], self.max_len).items()}
+        n = len(batch["text"])
+        img, txt = net(batch["tokens"].to(device), batch["pos"].to(device), batch["segment"].to(device), n,
+                       text["input_ids"], text["attention_mask"])
+        with torch.autocast(device.type, enabled=False):  # the SigLIP loss in fp32
+            loss = self.loss_fn(img.float(), txt.float(), model.logit_scale, model.logit_bias,
+                                key_tensor(batch["shown_keys"]).to(device), key_tensor(batch["sentence_keys"]).to(device))
+        return loss, {"tokens": int((batch["segment"] >= 0).sum()), "chunks": n,
+                      "padding_waste": padding_waste(batch["segment"])}
+
+    def row(self, info: StepInfo) -> dict[str, Any]:
+        model = self.model
+        return {"step": info.step, "loss": info.loss, "lr": info.lr, "tokens_per_s": info.per_second("tokens"),
+                "chunks_per_s": info.per_second("chunks"), "padding_waste": info.logs[-1]["padding_waste"],
+                "grad_norm": info.grad_norm, "temperature": float(model.logit_scale.detach().exp()),
+                "bias": float(model.logit_bias.detach()), "step_time_s": info.seconds}
+
+    def progress_info(self, info: StepInfo) -> dict[str, float]:
+        return {"tok_s": info.per_second("tokens")}
+
+    def on_end(self, summary: dict[str, Any]) -> dict[str, Any]:
+        if self.ctx.main:
+            make_vlp_plots(self.ctx.run_dir, self.cfg, self.dataset, self.tokenizer)
+        return summary
+
+
 def run_pretrain_vlp(cfg: VLPPretrainConfig, out: str | Path, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train; returns a summary (first/last loss, steps, seconds, run folder)."""
-    rank, world, _ = dist_utils.init_distributed()
-    main = rank == 0
-    device = dist_utils.pick_device(cfg.device)
-    run_dir = Path(out)
-    torch.manual_seed(cfg.seed + rank)
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        ensure_cache(cfg.data, run_dir, progress)
-    dist_utils.barrier()
-    source = open_cache(Path(cfg.data.cache) if cfg.data.cache else run_dir / "cache", cfg.data.split)
-    channels = {int(source.entry(i).get("channels", 1)) for i in range(len(source))}
-    if channels != {cfg.model.vision.in_chans}:
-        raise VoxseqError(f"the cache's volumes have {sorted(channels)} channel(s) (preprocess.hu_windows gives one per "
-                          f"window) but model.vision.in_chans is {cfg.model.vision.in_chans}")
-    dataset = ChunkTextDataset(source, cfg.chunks)
-    tokenizer = load_tokenizer(cfg.model.text_model)
-    max_len = cfg.text_max_length or cfg.model.text_max_length
-
-    model = SigVLP(cfg.model).to(device)
-    ck = checkpoint_to_resume(run_dir, resume)
-    if ck is not None:
-        load_state_dict_checked(model, ck.state_dict, strict=True)
-    net = dist_utils.wrap_model(model, cfg.distributed, device)
-    optimizers = build_optimizers(model, cfg.optimizer, cfg.lr, cfg.weight_decay, tuple(cfg.betas),
-                                  lr_scales={"logit_scale": cfg.logit_lr_scale, "logit_bias": cfg.logit_lr_scale})
-    start = dist_utils.restore_training_state(model, optimizers, ck) if ck is not None else 0
-    if main:
-        save_yaml({**to_dict(cfg), "preprocess": to_dict(source.preprocess)}, run_dir / "config.yaml")
-    if start >= cfg.max_steps:
-        return {"run_dir": str(run_dir), "steps": start, "message": "already finished"}
-    if cfg.compile:
-        net = torch.compile(net)
-
-    loss_fn = SigLipLoss()
-    sampler = ChunkBatchSampler(cfg.chunks_per_batch, start_step=start, num_steps=cfg.max_steps - start,
-                                world_size=world, rank=rank)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.loader_workers,
-                                         collate_fn=functools.partial(collate_packed, max_tokens=cfg.max_tokens),
-                                         persistent_workers=cfg.data.loader_workers > 0)
-    logger = MetricsLogger(run_dir, resume_step=start - 1 if resume else None, enabled=main)
-    bar = Progress(cfg.max_steps, start, f"pretrain vlp ({count_params(model) / 1e6:.1f}M params)", enabled=main and progress)
-    meta = {"task": "pretrain-vlp", "config": to_dict(cfg), "preprocess": to_dict(source.preprocess), **vlp_meta(cfg.model)}
-    params = [p for p in model.parameters() if p.requires_grad]
-    guard = NonFiniteGuard(cfg.max_nonfinite_steps, run_dir)
-    first_loss = last_loss = None
-    t_run = time.perf_counter()
-    try:
-        for step, batch in zip(range(start, cfg.max_steps), loader):
-            t0 = time.perf_counter()
-            lr = set_lr_all(optimizers, cfg.lr, warmup_cosine(step, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
-            text = {k: v.to(device) for k, v in tokenize(tokenizer, batch["text"], max_len).items()}
-            n = len(batch["text"])
-            with dist_utils.autocast_context(device, cfg.precision):
-                img, txt = net(batch["tokens"].to(device), batch["pos"].to(device), batch["segment"].to(device), n,
-                               text["input_ids"], text["attention_mask"])
-            loss = loss_fn(img.float(), txt.float(), model.logit_scale, model.logit_bias,
-                           key_tensor(batch["shown_keys"]).to(device), key_tensor(batch["sentence_keys"]).to(device))
-            loss.backward()
-            grad_norm = clip_gradients(params, cfg.grad_clip)
-            loss_val = float(dist_utils.all_reduce_mean(loss.detach().cpu()))
-            dt = time.perf_counter() - t0
-            real_tokens = int((batch["segment"] >= 0).sum())
-            if guard.should_skip(step, loss_val, grad_norm):  # no update; the run stops after too many in a row
-                logger.log({"step": step, "skipped": "non-finite loss or gradient", "lr": lr})
-            else:
-                for opt in optimizers:
-                    opt.step()
-                first_loss = loss_val if first_loss is None else first_loss
-                last_loss = loss_val
-                if step % cfg.log_every == 0 or step == cfg.max_steps - 1:
-                    logger.log({"step": step, "loss": loss_val, "lr": lr, "tokens_per_s": real_tokens * world / dt,
-                                "chunks_per_s": n * world / dt, "padding_waste": padding_waste(batch["segment"]),
-                                "grad_norm": grad_norm, "temperature": float(model.logit_scale.detach().exp()),
-                                "bias": float(model.logit_bias.detach()), "step_time_s": dt})
-            for opt in optimizers:
-                opt.zero_grad(set_to_none=True)
-            bar.update(step + 1, loss=loss_val, lr=lr, tok_s=real_tokens * world / dt)
-            done = step + 1
-            if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
-                dist_utils.save_training_checkpoint(run_dir, done, model, optimizers, main=main, meta=meta,
-                                                    keep_last=cfg.keep_checkpoints)
-    finally:
-        bar.close()
-        logger.close()
-    seconds = time.perf_counter() - t_run
-    if main:
-        make_vlp_plots(run_dir, cfg, dataset, tokenizer)
-    return {"run_dir": str(run_dir), "steps": cfg.max_steps, "first_loss": first_loss, "last_loss": last_loss,
-            "seconds": seconds, "rank": rank}
+    return fit(VLPPretrainTask(cfg), TrainConfig.of(cfg), out, resume=resume, progress=progress)
 
 
 # ---------------------------------------------------------------------------- loading and figures
@@ -230,4 +218,4 @@ def make_vlp_plots(run_dir: Path, cfg: VLPPretrainConfig, dataset: ChunkTextData
                             run_dir / "plots" / "similarity.png")]
 
 
-__all__ = ["VLPPretrainConfig", "load_vlp_config", "make_vlp_plots", "run_pretrain_vlp", "tokenize", "vlp_from_checkpoint"]
+__all__ = ["VLPPretrainConfig", "VLPPretrainTask", "load_vlp_config", "make_vlp_plots", "run_pretrain_vlp", "tokenize", "vlp_from_checkpoint"]
