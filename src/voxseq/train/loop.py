@@ -153,7 +153,7 @@ class TrainTask:
         raise NotImplementedError
 
     def row(self, info: StepInfo) -> dict[str, Any]:
-        """The metrics.jsonl row of a logged step."""
+        """The metrics.jsonl row of a logged step (called on every rank; rank 0 writes it)."""
         return {"step": info.step, "loss": info.loss, "lr": info.lr, "grad_norm": info.grad_norm,
                 "step_time_s": info.seconds}
 
@@ -162,7 +162,8 @@ class TrainTask:
         return {}
 
     def meta(self, final: bool) -> dict[str, Any]:
-        """Checkpoint metadata; ``final`` for the checkpoint of the last step (a task may evaluate here)."""
+        """Checkpoint metadata; ``final`` for the checkpoint of the last step (a task may evaluate here).
+        Called on every rank (rank 0 writes it), so an evaluation of an FSDP2-sharded model works."""
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
