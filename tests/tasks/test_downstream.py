@@ -185,3 +185,38 @@ def test_token_linear_probe_runs_on_both_encoders(tmp_path, ar_run):
         assert set(r["layers"][name]) == {"1", "2", "last", "mean"}
         assert r["layers"][name]["1"]["balanced_accuracy"] == r[name]["balanced_accuracy"]
     assert (out / "probe_layers.png").stat().st_size > 1000 and "| 1 |" in (out / "token_probe.md").read_text()
+
+
+def test_label_efficiency_table_pairs_seeds(tmp_path):
+    from voxseq.tasks.experiments import paired_differences, write_results
+
+    runs = [{"arm": a, "ratio": r, "seed": s, "mean_dice": d} for a, r, s, d in [
+        ("scratch", 0.1, 0, 0.30), ("pretrained", 0.1, 0, 0.40), ("scratch", 0.1, 1, 0.20), ("pretrained", 0.1, 1, 0.25),
+        ("scratch", 0.1, 2, 0.50), ("scratch", 1.0, 0, 0.6)]]  # seed 2 has no pretrained arm yet
+    (p,) = [row for row in paired_differences(runs) if row["ratio"] == 0.1]
+    assert p["seeds"] == [0, 1] and np.allclose(p["differences"], [0.10, 0.05])
+    assert p["mean"] == pytest.approx(0.075) and p["std"] == pytest.approx(np.std([0.10, 0.05], ddof=1))
+    result = write_results(tmp_path, runs, "init")
+    assert [r["ratio"] for r in result["paired"]] == [0.1]  # ratio 1.0 has no pair
+    assert "+0.0750 +- 0.0354 (n=2)" in (tmp_path / "results.md").read_text()
+
+
+def test_label_efficiency_reruns_keep_other_seeds(tmp_path, monkeypatch):
+    """A run for seed 1 after one for seed 0 adds to the table instead of replacing it, and reuses rows it has."""
+    from voxseq.tasks import experiments
+
+    calls = []
+
+    def fake_finetune(cfg, out, init, load_weights, progress, resume):
+        calls.append((cfg.seed, cfg.label_ratio, load_weights))
+        return {"val": {"mean_dice": 0.1 * cfg.seed + 0.5 * load_weights}, "n_train": 1, "seconds": 0.0}
+
+    monkeypatch.setattr(experiments, "run_finetune_seg", fake_finetune)
+    cfg = str(ROOT / "configs" / "seg_phantom_organs5.yaml")
+    experiments.run_label_efficiency(cfg, "init", tmp_path, ratios=(0.1,), seeds=(0,), progress=False)
+    experiments.run_label_efficiency(cfg, "init", tmp_path, ratios=(0.1,), seeds=(1,), progress=False)
+    result = experiments.run_label_efficiency(cfg, "init", tmp_path, ratios=(0.1,), seeds=(0, 1), progress=False)
+    assert sorted((r["seed"], r["arm"]) for r in result["runs"]) == [(0, "pretrained"), (0, "scratch"),
+                                                                      (1, "pretrained"), (1, "scratch")]
+    assert calls == [(0, 0.1, False), (0, 0.1, True), (1, 0.1, False), (1, 0.1, True)]  # seed 0 ran once
+    assert result["paired"][0]["differences"] == pytest.approx([0.5, 0.5])

@@ -24,6 +24,8 @@ def run_label_efficiency(config: str | Path, init: str | Path, out: str | Path, 
     done_path = out / "results.json"
     previous = {(r["arm"], r["ratio"], r["seed"]): r for r in json.loads(done_path.read_text())["runs"]} \
         if done_path.is_file() else {}
+    wanted = {(arm, ratio, seed) for ratio in ratios for seed in seeds for arm in ("scratch", "pretrained")}
+    runs += [r for key, r in previous.items() if key not in wanted]  # other ratios / seeds of the table stay in it
     for ratio in ratios:
         for seed in seeds:
             for arm in ("scratch", "pretrained"):
@@ -51,15 +53,31 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def paired_differences(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per label ratio, pretrained minus scratch Dice paired by seed (the same labelled cases and crops):
+    the differences, their mean and standard deviation (ddof 1; 0 with one seed)."""
+    rows = []
+    for ratio in sorted({r["ratio"] for r in runs}):
+        by = {(r["arm"], r["seed"]): r["mean_dice"] for r in runs if r["ratio"] == ratio}
+        seeds = sorted(s for a, s in by if a == "scratch" and ("pretrained", s) in by)
+        if seeds:
+            d = np.array([by[("pretrained", s)] - by[("scratch", s)] for s in seeds])
+            rows.append({"ratio": ratio, "seeds": seeds, "differences": d.tolist(), "mean": float(d.mean()),
+                         "std": float(d.std(ddof=1)) if len(d) > 1 else 0.0})
+    return rows
+
+
 def write_results(out: Path, runs: list[dict[str, Any]], init: str) -> dict[str, Any]:
     rows = summarise(runs)
-    result = {"init": init, "runs": runs, "summary": rows}
+    paired = paired_differences(runs)
+    result = {"init": init, "runs": runs, "summary": rows, "paired": paired}
     (out / "results.json").write_text(json.dumps(result, indent=1))
     md = ["# Label efficiency: pretrained versus scratch", "", f"Pretrained encoder: `{init}`", "",
-          "| label ratio | scratch Dice | pretrained Dice |", "|---|---|---|"]
+          "| label ratio | scratch Dice | pretrained Dice | pretrained - scratch (paired by seed) |", "|---|---|---|---|"]
     for ratio in sorted({r["ratio"] for r in rows}):
         cell = {r["arm"]: f"{r['mean']:.4f} +- {r['std']:.4f} (n={r['n']})" for r in rows if r["ratio"] == ratio}
-        md.append(f"| {ratio:g} | {cell.get('scratch', '-')} | {cell.get('pretrained', '-')} |")
+        diff = next((f"{p['mean']:+.4f} +- {p['std']:.4f} (n={len(p['seeds'])})" for p in paired if p["ratio"] == ratio), "-")
+        md.append(f"| {ratio:g} | {cell.get('scratch', '-')} | {cell.get('pretrained', '-')} | {diff} |")
     (out / "results.md").write_text("\n".join(md) + "\n")
     _plot(rows, out / "label_efficiency.png")
     return result
