@@ -21,7 +21,7 @@ import torch
 from voxseq import VoxseqError
 from voxseq.config import load_config, require_at_least, to_dict
 from voxseq.models.vit3d import ARViT3D, ViTConfig, count_params, flops_per_token
-from voxseq.objectives.ar import norm_pixel_loss, prefix_loss_mask
+from voxseq.objectives.ar import norm_pixel_loss, prefix_loss_mask, sample_prefix_len
 from voxseq.sequence import ResumableSampler, SequenceConfig, SequenceDataset, collate_sequences
 from voxseq.tasks.data import DataConfig, training_cache
 from voxseq.train.checkpoint import load_checkpoint
@@ -72,10 +72,8 @@ def load_ar_config(path: str | Path | None, overrides: list[str] | None = None) 
 
 def prefix_for_step(cfg: ARPretrainConfig, step: int, micro: int, rank: int, batch: int, length: int) -> torch.Tensor:
     """Prefix lengths of one micro-batch, a function of (seed, step, micro-step, rank) only."""
-    if not cfg.random_start:
-        return torch.zeros(batch, dtype=torch.long)
     g = torch.Generator().manual_seed(hash((cfg.seed, step, micro, rank)) % (2**63))
-    return torch.randint(0, length, (batch,), generator=g)
+    return sample_prefix_len(batch, length, g, random_start=cfg.random_start)
 
 
 def _batches(loader):
