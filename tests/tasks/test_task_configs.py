@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from voxseq import VoxseqError
+
 from voxseq.tasks.finetune_cls import load_cls_config, run_finetune_cls
 from voxseq.tasks.finetune_seg import load_seg_config
 
@@ -28,6 +30,13 @@ def test_seg_configs_load(path):
     cfg = load_seg_config(path)
     assert cfg.name == path.stem
     assert all(r % cfg.model.patch_size == 0 for r in cfg.roi_zyx) and cfg.unetr.out_channels >= 2
+
+
+def test_label_map_must_fit_the_classes():
+    cfg = load_seg_config(CONFIGS / "seg_phantom_organs5.yaml")
+    assert cfg.unetr.out_channels == 5 and sorted(set(cfg.data.label_map.values())) == [1, 2, 3, 4]
+    with pytest.raises(VoxseqError, match="out_channels is 4"):
+        load_seg_config(CONFIGS / "seg_phantom_organs5.yaml", ["unetr.out_channels=4"])
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("cls_*.yaml")), ids=lambda p: p.stem)

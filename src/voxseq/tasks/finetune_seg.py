@@ -60,6 +60,12 @@ class SegConfig:
     device: str = "auto"
     distributed: str = "ddp"  # ddp | fsdp2 (under torchrun)
 
+    def __post_init__(self) -> None:
+        top = max(self.data.label_map.values(), default=0)
+        if top >= self.unetr.out_channels:
+            raise VoxseqError(f"data.label_map maps labels to {top}, but unetr.out_channels is {self.unetr.out_channels} "
+                              f"(classes 0..{self.unetr.out_channels - 1})")
+
 
 def load_seg_config(path, overrides=None) -> SegConfig:
     return load_config(SegConfig, path, overrides)
