@@ -220,3 +220,27 @@ def test_label_efficiency_reruns_keep_other_seeds(tmp_path, monkeypatch):
                                                                       (1, "pretrained"), (1, "scratch")]
     assert calls == [(0, 0.1, False), (0, 0.1, True), (1, 0.1, False), (1, 0.1, True)]  # seed 0 ran once
     assert result["paired"][0]["differences"] == pytest.approx([0.5, 0.5])
+
+
+def test_python_api_embeds_a_scan(tmp_path, ar_run, samples):
+    """The README's Python example: load an encoder from a run folder, embed a scan per token."""
+    import subprocess
+    import sys
+
+    import voxseq
+    from voxseq import embed, load_encoder
+
+    encoder, preprocess, meta = load_encoder(ar_run)
+    out = embed(encoder, preprocess, samples / "brain1_image.nrrd", per_token=True, meta=meta)
+    assert out["features"].shape[1] == 32 and out["voxel_ijk"].shape == (out["features"].shape[0], 3)
+    assert main(["embed", "--checkpoint", str(ar_run), "--per-token", "--out", str(tmp_path / "e.npz"),
+                 str(samples / "brain1_image.nrrd")]) == 0
+    cli = np.load(tmp_path / "e.npz")  # the same features as `voxseq embed` (block 1 of 2)
+    assert np.allclose(out["features"], cli["features"], atol=1e-5)
+    assert set(voxseq.__all__) >= {"read_volume", "Preprocess", "ViT3D", "load_encoder", "embed", "fit"}
+    with pytest.raises(AttributeError):
+        voxseq.no_such_thing  # noqa: B018
+    probe = subprocess.run([sys.executable, "-c", "import sys, voxseq; print('torch' in sys.modules)"],
+                           capture_output=True, text=True)
+    assert probe.stdout.strip() == "False"  # the API is imported lazily
+

@@ -56,6 +56,26 @@ def encoder_from_checkpoint(path: str | Path, strict: bool = False,
     return encoder, pre, meta, report
 
 
+def load_encoder(path: str | Path) -> tuple[ViT3D, Preprocess, dict[str, Any]]:
+    """(encoder, preprocessing, checkpoint metadata) of any voxseq checkpoint or run folder (AR, MAE, SigVLP,
+    fine-tuned) or official AR-SSL4M weights: the Python face of ``voxseq embed --checkpoint``."""
+    encoder, pre, meta, _ = encoder_from_checkpoint(path)
+    return encoder.eval(), pre, meta
+
+
+def embed(encoder: ViT3D, pre: Preprocess, path: str | Path, *, per_token: bool = False, layer: Layer | None = None,
+          window: str | Sequence[int] | None = "whole", meta: dict[str, Any] | None = None,
+          **kwargs: Any) -> dict[str, np.ndarray]:
+    """:func:`embed_file` with ``voxseq embed``'s defaults: ``layer`` None is the checkpoint's default
+    (pass its ``meta``: the middle block of AR runs), ``window`` as ``--window``."""
+    from voxseq.models.features import parse_layer
+
+    meta = meta or {}
+    chosen = parse_layer(default_layer(meta) if layer is None else layer, encoder.num_layers)
+    return embed_file(encoder, pre, path, per_token=per_token, layer=chosen,
+                      window_zyx=resolve_window(window, meta, encoder.cfg.patch_size), **kwargs)
+
+
 def random_encoder(preset: str, patch_size: int | None = None) -> tuple[ViT3D, Preprocess]:
     """A randomly initialised encoder of a preset (a baseline for linear probes), default preprocessing."""
     torch.manual_seed(0)
