@@ -603,12 +603,12 @@ def write_reader_case(folder: Path, i: int, kind: str, orig: dict, seed: int = S
         _write_dicom_folder(base, slices)
         return base, what
     if kind == "h5_struct":
-        variant = H5_VARIANTS[i % len(H5_VARIANTS)]
+        variant = H5_VARIANTS[i // len(READER_KINDS) % len(H5_VARIANTS)]  # the kind's own round: every variant in turn
         path = base.with_suffix(".h5")
         _h5_case(path, variant, orig["arr"])
         return path, variant
     if kind == "npz_struct":
-        variant = NPZ_VARIANTS[i % len(NPZ_VARIANTS)]
+        variant = NPZ_VARIANTS[i // len(READER_KINDS) % len(NPZ_VARIANTS)]
         path = base.with_suffix(".npz")
         _npz_case(path, variant, orig["arr"])
         return path, variant
@@ -629,7 +629,7 @@ def write_reader_case(folder: Path, i: int, kind: str, orig: dict, seed: int = S
         what = f"{victim}: {how}"
     else:
         variant = ["one_slice", "huge_ihdr", "zero_ihdr", "rgb", "other_size", "not_numbered", "jpeg_named_png",
-                   "8bit"][i % 8]
+                   "8bit"][i // len(READER_KINDS) % 8]
         victim = names[int(rng.integers(len(names)))]
         import SimpleITK as sitk
 
@@ -742,7 +742,7 @@ def run_reader_fuzz(folder: Path, n: int, orig: dict) -> dict[str, dict[str, int
 
 
 def test_reader_fuzz_quick(tmp_path, reader_originals):
-    counts = run_reader_fuzz(tmp_path, 2 * len(READER_KINDS), reader_originals)
+    counts = run_reader_fuzz(tmp_path, 3 * len(READER_KINDS), reader_originals)
     assert set(counts) == set(READER_KINDS)
     assert sum(c["info_error"] for c in counts.values()) >= 8
     assert sum(c["prepare_ok"] for c in counts.values()) >= 1
@@ -753,3 +753,42 @@ def test_reader_fuzz_many(tmp_path, reader_originals):
     n = 16 * len(READER_KINDS)  # 256
     counts = run_reader_fuzz(tmp_path, n, reader_originals)
     assert sum(sum(c.values()) for c in counts.values()) == 2 * n
+
+
+def test_random_bytes_folder_is_one_line_without_itk_warnings(tmp_path):
+    """Random bytes taken for a DICOM folder candidate: GDCM's WARNING block used to precede the error."""
+    (tmp_path / "scan").mkdir()
+    (tmp_path / "scan" / "IM0001").write_bytes(np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8).tobytes())
+    rc, out, err = _voxseq(["info", tmp_path / "scan"], 60)
+    assert rc == 2 and out == "" and _error_lines(err) == [
+        f"voxseq: error: {tmp_path / 'scan'}: folder holds no volume file and no DICOM series"], err
+
+
+def test_dicom_series_with_a_missing_slice_is_refused(tmp_path, reader_originals):
+    """ITK reads it with a WARNING about non-uniform sampling and a wrong, averaged spacing."""
+    from voxseq.io import VolumeReadError, read_volume
+
+    slices = dict(reader_originals["dicom"])
+    del slices[sorted(slices)[2]]
+    _write_dicom_folder(tmp_path / "gap", slices)
+    with pytest.raises(VolumeReadError, match=r"gap: DICOM series .* has missing slices or uneven spacing: gaps between "
+                                              r"slices from 2\.1 to 4\.2 mm \(5 slices\)"):
+        read_volume(tmp_path / "gap")
+    slices = dict(reader_originals["dicom"])
+    del slices[sorted(slices)[0]]  # an end slice gone: still an evenly spaced volume
+    _write_dicom_folder(tmp_path / "end", slices)
+    assert read_volume(tmp_path / "end").shape_zyx[0] == 5
+
+
+def test_array_headers_claiming_huge_shapes_are_refused_before_reading(tmp_path, reader_originals):
+    from voxseq.io import VolumeReadError, read_volume
+
+    _npz_case(tmp_path / "lie.npz", "lying_shape", reader_originals["arr"])
+    with pytest.raises(VolumeReadError, match=r"lie.npz: array of shape \(99999, 99999, 99999\) would take"):
+        read_volume(tmp_path / "lie.npz")
+    _h5_case(tmp_path / "huge.h5", "huge_empty", reader_originals["arr"])
+    with pytest.raises(VolumeReadError, match=r"huge.h5::image: array of shape \(200000, 200000, 200000\) would take"):
+        read_volume(tmp_path / "huge.h5")
+    _h5_case(tmp_path / "nan.h5", "spacing_nan", reader_originals["arr"])
+    with pytest.raises(VolumeReadError, match=r"spacing \[nan, 1.0, 1.0\] must be three finite, positive numbers"):
+        read_volume(tmp_path / "nan.h5")

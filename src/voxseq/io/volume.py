@@ -358,9 +358,12 @@ def list_dicom_series(folder: Path) -> list[tuple[str, list[str]]]:
 
     reader = sitk.ImageSeriesReader()
     series = []
-    for uid in reader.GetGDCMSeriesIDs(str(folder)):
-        files = reader.GetGDCMSeriesFileNames(str(folder), uid)
-        series.append((uid, list(files)))
+    try:  # GDCM raises on some corrupt tags while it scans (e.g. Samples per Pixel 0)
+        for uid in reader.GetGDCMSeriesIDs(str(folder)):
+            files = reader.GetGDCMSeriesFileNames(str(folder), uid)
+            series.append((uid, list(files)))
+    except RuntimeError as e:
+        raise VolumeReadError(folder, f"cannot scan the folder's DICOM files ({_first_itk_line(e, folder)})") from None
     series.sort(key=lambda s: -len(s[1]))
     return series
 
