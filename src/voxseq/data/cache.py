@@ -27,6 +27,11 @@ Writing is crash-safe: every file is written under a temporary name and renamed 
 ``entry.json`` goes last, so a partial volume is never taken for a finished one; re-running
 ``prepare`` skips finished volumes and redoes the rest.
 
+Concurrency: ``prepare_cache`` holds an exclusive lock on ``<out_dir>/.lock`` (``filelock``, an OS file lock that
+is released when the process ends, however it ends) from before ``overwrite`` to the last index write. A second
+``prepare`` on the same folder waits for the first (saying so once on stderr) and then reuses what it finished;
+after ``VOXSEQ_PREPARE_LOCK_TIMEOUT`` seconds (default: no limit) it stops with one line naming the folder.
+
 Integrity: a finished volume whose files no longer match its ``entry.json`` (a truncated, replaced or
 deleted ``.npy``, an unreadable ``entry.json``) is *broken*. Re-running ``prepare`` always checks byte
 sizes (one ``stat`` per file) and, with ``verify=True``, every sha256; a broken volume stops the run
@@ -38,10 +43,13 @@ checksums too (see :meth:`Cache.check`).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -64,24 +72,48 @@ MAX_REGIONS = 32  # bits of a uint32 regions.npy voxel
 # ---------------------------------------------------------------------------- small file helpers
 
 
+DISK_FULL = "no space left on device"  # in the message of every write that ran out of space
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFull(VoxseqError):
+    """A write ran out of disk space (or quota): ``<path>: no space left on device ...``, one line."""
+
+
+@contextlib.contextmanager
+def _written_or_removed(tmp: Path, path: Path, what: str = "") -> Iterator[None]:
+    """Remove the temporary file of a write that fails; a full disk becomes one :class:`DiskFull` line."""
+    try:
+        yield
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS:
+            raise DiskFull(f"{path}: {DISK_FULL} while writing it{what} ({e.strerror or e}); "
+                           "free space and run the command again to resume") from None
+        raise
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with _written_or_removed(tmp, path):
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
 
 
 def atomic_save_npy(path: Path, array: np.ndarray) -> str:
     """Save an array as .npy under a temporary name, fsync, rename; returns its sha256."""
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    with open(tmp, "wb") as f:
-        np.save(f, np.ascontiguousarray(array), allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-    digest = sha256_file(tmp)
-    os.replace(tmp, path)
+    with _written_or_removed(tmp, path):
+        with open(tmp, "wb") as f:
+            np.save(f, np.ascontiguousarray(array), allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+        digest = sha256_file(tmp)
+        os.replace(tmp, path)
     return digest
 
 
@@ -292,6 +324,8 @@ def _worker(args: tuple[Record, Preprocess, str, str]) -> tuple[str, dict | None
     try:
         return record.id, prepare_one(record, cfg, Path(out_dir), nonfinite), None
     except (VoxseqError, OSError, ValueError, RuntimeError, MemoryError) as e:
+        if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS:  # a write outside the atomic helpers
+            return record.id, None, f"{out_dir}: {DISK_FULL} while writing volume {record.id} ({e.strerror or e})"
         return record.id, None, str(e) if isinstance(e, VoxseqError) else f"{record.id}: {type(e).__name__}: {e}"
 
 
@@ -347,9 +381,46 @@ def prepare_cache(records: Iterable[Record], out_dir: str | os.PathLike, cfg: Pr
     if on_error not in ON_ERROR:
         raise VoxseqError(f"on_error must be one of {ON_ERROR}, not {on_error!r}")
     out_dir = Path(out_dir)
-    if overwrite and out_dir.exists():
-        shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    with cache_lock(out_dir):
+        return _prepare_locked(records, out_dir, cfg, workers=workers, on_error=on_error, nonfinite=nonfinite,
+                               overwrite=overwrite, verify=verify, repair=repair, progress=progress)
+
+
+LOCK_NAME = ".lock"
+
+
+@contextlib.contextmanager
+def cache_lock(out_dir: Path, timeout: float | None = None) -> Iterator[None]:
+    """Hold the cache folder's exclusive lock; wait for another holder (one note on stderr), at most ``timeout``
+    seconds (default: ``VOXSEQ_PREPARE_LOCK_TIMEOUT``, else no limit), then a one-line :class:`VoxseqError`."""
+    from filelock import FileLock, Timeout
+
+    if timeout is None:
+        timeout = float(os.environ.get("VOXSEQ_PREPARE_LOCK_TIMEOUT", -1))
+    lock = FileLock(str(out_dir / LOCK_NAME))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(f"voxseq: waiting for another voxseq prepare writing {out_dir} to finish", file=sys.stderr, flush=True)
+        try:
+            lock.acquire(timeout=timeout)
+        except Timeout:
+            raise VoxseqError(f"{out_dir}: the cache folder is locked by another voxseq prepare (still running after "
+                              f"{timeout:g} s of waiting; VOXSEQ_PREPARE_LOCK_TIMEOUT); wait for it or use another "
+                              "--out") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _prepare_locked(records: Iterable[Record], out_dir: Path, cfg: Preprocess, *, workers: int, on_error: str,
+                    nonfinite: str, overwrite: bool, verify: bool, repair: bool, progress: bool) -> PrepareSummary:
+    if overwrite:  # everything but the lock this process holds
+        for child in out_dir.iterdir():
+            if child.name != LOCK_NAME:
+                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
     _check_or_write_preprocess(out_dir, cfg)
     _clean_partial(out_dir)
     t0 = time.perf_counter()
@@ -384,6 +455,11 @@ def prepare_cache(records: Iterable[Record], out_dir: str | os.PathLike, cfg: Pr
                 summary.done += 1
                 summary.bytes_written += sum(entry["bytes"].values())
             else:
+                if DISK_FULL in error:  # not the volume's fault: stop whatever --on-error says, keep what is finished
+                    with contextlib.suppress(VoxseqError):
+                        _write_index(out_dir, records, finished, summary)
+                    raise DiskFull(error if "run the command again" in error else
+                                   f"{error}; free space and run the command again to resume")
                 summary.skipped.append({"id": rid, "error": error})
                 if on_error == "stop":
                     _write_index(out_dir, records, finished, summary)

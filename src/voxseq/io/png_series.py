@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from voxseq.io.volume import CANONICAL_ORIENTATION, Volume, VolumeReadError
+from voxseq.io.volume import CANONICAL_ORIENTATION, Volume, VolumeReadError, _first_itk_line, _quiet_itk
 
 
 def is_png_series(folder: Path) -> bool:
@@ -33,9 +33,10 @@ def read_png_series(folder: str | os.PathLike, spacing_xyz: Sequence[float] | No
     slices = []
     for f in files:
         try:
-            a = sitk.GetArrayFromImage(sitk.ReadImage(str(f)))
+            with _quiet_itk():  # libpng prints its errors ("libpng error: Read Error") to stderr
+                a = sitk.GetArrayFromImage(sitk.ReadImage(str(f)))
         except RuntimeError as e:
-            raise VolumeReadError(f, f"unreadable PNG slice ({str(e).strip().splitlines()[-1][:160]})") from None
+            raise VolumeReadError(f, f"unreadable PNG slice ({_first_itk_line(e, f)})") from None
         if a.ndim != 2:
             raise VolumeReadError(f, f"expected a single-channel 2-D slice, got shape {a.shape}")
         slices.append(a)

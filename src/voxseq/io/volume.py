@@ -358,14 +358,30 @@ def list_dicom_series(folder: Path) -> list[tuple[str, list[str]]]:
 
     reader = sitk.ImageSeriesReader()
     series = []
-    for uid in reader.GetGDCMSeriesIDs(str(folder)):
-        files = reader.GetGDCMSeriesFileNames(str(folder), uid)
-        series.append((uid, list(files)))
+    try:  # GDCM raises on some corrupt tags while it scans (e.g. Samples per Pixel 0)
+        for uid in reader.GetGDCMSeriesIDs(str(folder)):
+            files = reader.GetGDCMSeriesFileNames(str(folder), uid)
+            series.append((uid, list(files)))
+    except RuntimeError as e:
+        raise VolumeReadError(folder, f"cannot scan the folder's DICOM files ({_first_itk_line(e, folder)})") from None
     series.sort(key=lambda s: -len(s[1]))
     return series
 
 
 def _read_dicom_series(folder: Path, series_uid: str | None = None) -> Volume:
+    """A DICOM series folder, with ITK's warnings silenced (GDCM prints a WARNING block about files that are
+    not DICOM, and the series reader one about uneven slice spacing, which is checked here instead)."""
+    with _quiet_itk():
+        return _read_dicom_series_quietly(folder, series_uid)
+
+
+def _slice_gaps(positions: list[tuple[float, ...]], normal: tuple[float, float, float]) -> list[float]:
+    """Distances between consecutive slices along the slice normal, in position order."""
+    along = sorted(float(np.dot(p, normal)) for p in positions)
+    return [b - a for a, b in zip(along, along[1:])]
+
+
+def _read_dicom_series_quietly(folder: Path, series_uid: str | None = None) -> Volume:
     import SimpleITK as sitk
 
     series = list_dicom_series(folder)
@@ -380,7 +396,7 @@ def _read_dicom_series(folder: Path, series_uid: str | None = None) -> Volume:
         uid, files = series[0]  # the largest series; others are listed in meta
     if len(files) < 2:
         raise VolumeReadError(folder, "DICOM series has a single slice; voxseq needs 3-D volumes")
-    sizes = set()
+    sizes, positions, normal = set(), [], None
     for f in files:
         r = sitk.ImageFileReader()
         r.SetFileName(f)
@@ -389,8 +405,20 @@ def _read_dicom_series(folder: Path, series_uid: str | None = None) -> Volume:
         except RuntimeError as e:
             raise VolumeReadError(f, f"unreadable DICOM slice ({_first_itk_line(e, f)})") from None
         sizes.add(tuple(r.GetSize()[:2]))
+        positions.append(tuple(r.GetOrigin()))
+        normal = tuple(r.GetDirection()[2::3]) if normal is None else normal  # the third column: the slice normal
     if len(sizes) > 1:
         raise VolumeReadError(folder, f"DICOM series {uid} mixes slice sizes {sorted(sizes)}")
+    if not all(np.isfinite(positions).flat) or normal is None or not np.isfinite(normal).all():
+        raise VolumeReadError(folder, f"DICOM series {uid} has slices without a finite position or orientation")
+    gaps = _slice_gaps(positions, normal)  # type: ignore[arg-type]
+    step = float(np.median(gaps))
+    if step <= 1e-6 or min(gaps) <= 1e-6:
+        raise VolumeReadError(folder, f"DICOM series {uid} has {len(files)} slices but two or more share a position "
+                                      "(duplicate slices, or a wrong Image Position / Orientation)")
+    if max(gaps) - min(gaps) > max(1e-3, 0.1 * step):
+        raise VolumeReadError(folder, f"DICOM series {uid} has missing slices or uneven spacing: gaps between slices "
+                                      f"from {min(gaps):.4g} to {max(gaps):.4g} mm ({len(files)} slices)")
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)  # sorted by position along the slice normal by GDCM
     reader.MetaDataDictionaryArrayUpdateOn()
@@ -442,16 +470,56 @@ def _pick(array, index: int | None, where: str) -> np.ndarray:
     return np.array(array[index])
 
 
+def checked_spacing(spacing: Any, where: str | os.PathLike) -> tuple[float, float, float]:
+    """Three finite, positive spacings (x, y, z) in mm, or a one-line error naming ``where``."""
+    try:
+        values = tuple(float(s) for s in np.asarray(spacing, dtype=object).reshape(-1))
+    except (TypeError, ValueError):
+        raise VolumeReadError(where, f"spacing {spacing!r} is not three numbers (x, y, z) in mm") from None
+    if len(values) != 3 or not all(np.isfinite(values)) or min(values) <= 0:
+        raise VolumeReadError(where, f"spacing {list(values)} must be three finite, positive numbers (x, y, z) in mm")
+    return values  # type: ignore[return-value]
+
+
+def _check_array_bytes(shape: Sequence[int], itemsize: int, where: str, stored: int | None = None) -> None:
+    """Refuse, before reading, an array whose shape claims more than the volume byte limit (or, for a
+    compressed member of ``stored`` bytes, more than deflate can expand it to)."""
+    claimed = int(np.prod([int(n) for n in shape], dtype=object)) * int(itemsize)
+    if claimed > max_volume_bytes():
+        raise VolumeReadError(where, f"array of shape {tuple(shape)} would take {claimed / 2**30:.3g} GiB, over the "
+                                     f"{max_volume_bytes() / 2**30:g} GiB limit (VOXSEQ_MAX_VOLUME_BYTES)")
+    if stored is not None and claimed > MAX_COMPRESSION_RATIO * stored + (1 << 16):
+        raise VolumeReadError(where, f"array header claims shape {tuple(shape)} ({claimed} bytes) but the file holds "
+                                     f"only {stored} bytes of it: corrupt header")
+
+
+def _npz_check_member(z, key: str, where: str) -> None:
+    """Read the .npy header of one npz member and check the size it claims (numpy allocates it first)."""
+    name = key if key in z.zip.namelist() else f"{key}.npy"
+    try:
+        info = z.zip.getinfo(name)
+        with z.zip.open(name) as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(f)
+    except (KeyError, ValueError, OSError, EOFError) as e:
+        raise VolumeReadError(where, f"not a readable numpy array ({type(e).__name__}: {e})") from None
+    _check_array_bytes(shape, dtype.itemsize, where, info.compress_size)
+
+
 def _array_volume(array: np.ndarray, spacing: Sequence[float] | None, where: str, fmt: str, axes: str = "zyx") -> Volume:
     """A Volume from a bare array: (Z, Y, X) or (C, Z, Y, X), or with ``axes="xyz"`` (X, Y, Z) / (C, X, Y, Z)."""
     if spacing is None:
         raise VolumeReadError(where, f"{fmt} volumes need an explicit spacing (x, y, z) in mm (pass spacing=...)")
+    spacing = checked_spacing(spacing, where)
     if array.ndim == 2:
         raise VolumeReadError(where, f"is a 2-D array {array.shape}; voxseq needs 3-D volumes")
     if array.ndim not in (3, 4):
         raise VolumeReadError(where, f"has {array.ndim} dimensions; expected (Z, Y, X) or (C, Z, Y, X)")
     if array.dtype.kind not in "biuf":
         raise VolumeReadError(where, f"has dtype {array.dtype}; expected a numeric array")
+    if array.size == 0:
+        raise VolumeReadError(where, f"is an empty array {array.shape}")
     if axes == "xyz":
         array = np.ascontiguousarray(np.swapaxes(array, -1, -3))
     meta = {"path": where, "format": fmt, "source_orientation": CANONICAL_ORIENTATION,
@@ -486,7 +554,8 @@ def _read_numpy(path: Path, spacing: Sequence[float] | None, key: str | None = N
                 if key not in z.files:
                     raise VolumeReadError(where, f"no array {key!r} in the npz (has {z.files})")
                 if spacing is None and "spacing" in z.files:
-                    spacing = [float(s) for s in z["spacing"]]
+                    spacing = checked_spacing(z["spacing"], where)
+                _npz_check_member(z, key, where)
                 array = z[key] if index is None else None
             if index is not None:
                 st = path.stat()
@@ -529,23 +598,37 @@ def _read_hdf5(path: Path, spacing: Sequence[float] | None, key: str | None = No
         f = h5py.File(path, "r")
     except OSError as e:
         raise VolumeReadError(path, f"not a readable HDF5 file ({e})") from None
-    with f:
-        names = _hdf5_datasets(f)
-        key = key or _default_member(names, path, "HDF5 file has datasets")
-        where = member_path(path, key, index)
-        node = f.get(key)
-        if not isinstance(node, h5py.Dataset):
-            raise VolumeReadError(where, f"no dataset {key!r} in the HDF5 file (has {names})")
-        if spacing is None and _hdf5_attr(node, f, "spacing") is not None:
-            spacing = [float(s) for s in _hdf5_attr(node, f, "spacing")]
-        axes = _hdf5_attr(node, f, "axes")
-        axes = axes.decode() if isinstance(axes, bytes) else str(axes or "xyz")
-        if axes not in ("xyz", "zyx"):
-            raise VolumeReadError(where, f"axes attribute must be 'xyz' or 'zyx', not {axes!r}")
-        try:
-            array = _pick(node, index, where)
-        except (OSError, TypeError) as e:
-            raise VolumeReadError(where, f"cannot read the dataset ({e})") from None
+    try:
+        with f:
+            return _read_hdf5_open(f, path, spacing, key, index)
+    except VolumeReadError:
+        raise
+    except Exception as e:  # h5py raises RuntimeError/OSError/KeyError/ValueError on corrupt structures
+        raise VolumeReadError(path, f"not a readable HDF5 file ({type(e).__name__}: {e})") from None
+
+
+def _read_hdf5_open(f, path: Path, spacing: Sequence[float] | None, key: str | None, index: int | None) -> Volume:
+    import h5py
+
+    names = _hdf5_datasets(f)
+    key = key or _default_member(names, path, "HDF5 file has datasets")
+    where = member_path(path, key, index)
+    node = f.get(key)
+    if not isinstance(node, h5py.Dataset):
+        raise VolumeReadError(where, f"no dataset {key!r} in the HDF5 file (has {names})")
+    if spacing is None and _hdf5_attr(node, f, "spacing") is not None:
+        spacing = checked_spacing(_hdf5_attr(node, f, "spacing"), where)
+    if node.dtype.kind not in "biuf":
+        raise VolumeReadError(where, f"has dtype {node.dtype}; expected a numeric array")
+    _check_array_bytes(node.shape[1:] if index is not None else node.shape, node.dtype.itemsize, where)
+    axes = _hdf5_attr(node, f, "axes")
+    axes = axes.decode() if isinstance(axes, bytes) else str(axes or "xyz")
+    if axes not in ("xyz", "zyx"):
+        raise VolumeReadError(where, f"axes attribute must be 'xyz' or 'zyx', not {axes!r}")
+    try:
+        array = _pick(node, index, where)
+    except (OSError, TypeError) as e:
+        raise VolumeReadError(where, f"cannot read the dataset ({e})") from None
     return _array_volume(array, spacing, where, "HDF5", axes)
 
 

@@ -195,6 +195,65 @@ def _flex_prefix_attention(q, k, v, prefix_len):  # pragma: no cover - CUDA path
     return flex_attention(q, k, v, block_mask=block)
 
 
+@dataclass
+class SegmentPlan:
+    """Where the tokens of each packed segment sit in the flattened (R * L) rows, grouped into buckets of
+    segments of similar length: per bucket a (n, m) flat index and a (n, m) validity mask (m = its longest
+    segment). Built once per forward by :func:`segment_plan` and shared by every block."""
+
+    buckets: list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def segment_plan(segment: torch.Tensor, bucket_ratio: float = 0.75) -> SegmentPlan:
+    """Plan attention within each segment of packed rows: ``segment`` (R, L) ids, -1 for padding (ids are
+    compared within a row, as :func:`voxseq.sequence.chunks.packed_attention_mask` does). Segments sorted by
+    length go into one bucket while they are at least ``bucket_ratio`` of its longest, so padding inside a
+    bucket stays small and each bucket is one SDPA call on (n, m) instead of every row's L x L scores."""
+    r, length = segment.shape
+    seg = segment.detach().to("cpu", torch.long)
+    flat = (seg + (seg.max().clamp_min(0) + 1) * torch.arange(r)[:, None]).reshape(-1)  # ids unique across rows
+    flat[seg.reshape(-1) < 0] = -1
+    where = torch.nonzero(flat >= 0).squeeze(1)
+    keys = flat[where]
+    order = torch.argsort(keys, stable=True)
+    where, keys = where[order], keys[order]
+    _, counts = torch.unique_consecutive(keys, return_counts=True)
+    groups = list(torch.split(where, counts.tolist()))
+    groups.sort(key=len, reverse=True)
+    buckets, current = [], []
+    for g in groups:
+        if current and len(g) < bucket_ratio * len(current[0]):
+            buckets.append(current)
+            current = []
+        current.append(g)
+    if current:
+        buckets.append(current)
+    plan = []
+    for bucket in buckets:
+        m = len(bucket[0])
+        idx = torch.zeros(len(bucket), m, dtype=torch.long)
+        valid = torch.zeros(len(bucket), m, dtype=torch.bool)
+        for i, g in enumerate(bucket):
+            idx[i, :len(g)], valid[i, :len(g)] = g, True
+        plan.append((idx.to(segment.device), valid.to(segment.device)))
+    return SegmentPlan(plan)
+
+
+def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: SegmentPlan) -> torch.Tensor:
+    """Attention of (B, h, L, d) packed rows within each segment only, bucket by bucket through SDPA; equal
+    to SDPA with the block-diagonal ``packed_attention_mask`` (a padding token attends to itself only, so its
+    output is its own value)."""
+    b, h, n, d = q.shape
+    qf, kf, vf = (t.transpose(1, 2).reshape(b * n, h, d) for t in (q, k, v))
+    out = vf
+    for idx, valid in plan.buckets:
+        mask = None if bool(valid.all()) else valid[:, None, None, :]
+        o = F.scaled_dot_product_attention(qf[idx].transpose(1, 2), kf[idx].transpose(1, 2), vf[idx].transpose(1, 2),
+                                           attn_mask=mask)  # (n_seg, h, m, d)
+        out = out.index_put((idx[valid],), o.transpose(1, 2)[valid])
+    return out.view(b, n, h, d).transpose(1, 2)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with one fused qkv projection, through SDPA."""
 
@@ -205,12 +264,15 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, is_causal: bool = False,
-                prefix_len: torch.Tensor | None = None, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                prefix_len: torch.Tensor | None = None, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                segments: SegmentPlan | None = None) -> torch.Tensor:
         b, n, e = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, h, L, d)
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
-        if self.backend == "flex" and prefix_len is not None and x.is_cuda:
+        if segments is not None:
+            out = segment_attention(q, k, v, segments)
+        elif self.backend == "flex" and prefix_len is not None and x.is_cuda:
             out = _flex_prefix_attention(q, k, v, prefix_len)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None)
@@ -241,8 +303,10 @@ class Block(nn.Module):
         self.mlp.add_module("fc2", nn.Linear(hidden, dim))
         self.drop_path_rate = drop_path_rate
 
-    def forward(self, x: torch.Tensor, mask=None, is_causal: bool = False, prefix_len=None, rope=None) -> torch.Tensor:
-        x = x + drop_path(self.attn(self.norm1(x), mask, is_causal, prefix_len, rope), self.drop_path_rate, self.training)
+    def forward(self, x: torch.Tensor, mask=None, is_causal: bool = False, prefix_len=None, rope=None,
+                segments: SegmentPlan | None = None) -> torch.Tensor:
+        x = x + drop_path(self.attn(self.norm1(x), mask, is_causal, prefix_len, rope, segments), self.drop_path_rate,
+                          self.training)
         return x + drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, self.training)
 
 
@@ -325,10 +389,11 @@ class ViT3D(nn.Module):
     # -- trunk
 
     def run_blocks(self, x: torch.Tensor, mask=None, is_causal: bool = False, prefix_len=None,
-                   indices: set[int] | None = None, rope=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                   indices: set[int] | None = None, rope=None,
+                   segments: SegmentPlan | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         taken = []
         for i, blk in enumerate(self.blocks):
-            x = blk(x, mask, is_causal, prefix_len, rope)
+            x = blk(x, mask, is_causal, prefix_len, rope, segments)
             if indices is not None and i in indices:
                 taken.append(x)
         return x, taken
@@ -364,14 +429,21 @@ class ViT3D(nn.Module):
         by_index = dict(zip(order, taken))
         return [by_index[i] for i in indices], self.norm(x)
 
-    def forward_tokens(self, tokens: torch.Tensor, pos: torch.Tensor, mask=None, is_causal: bool = False) -> torch.Tensor:
+    def forward_tokens(self, tokens: torch.Tensor, pos: torch.Tensor, mask=None, is_causal: bool = False,
+                       segment: torch.Tensor | None = None) -> torch.Tensor:
         """Token sequences (B, L, C*p^3) with positions (B, L, 4) ((B, L, 3) suffices for rotary) -> (B, L, E).
 
-        ``mask`` (B, 1, L, L) bool, e.g. block-diagonal for several chunks packed into one row."""
+        ``mask`` (B, 1, L, L) bool, e.g. block-diagonal for several chunks packed into one row. ``segment``
+        (B, L) ids (-1: padding) instead: tokens attend within their segment only, computed per segment
+        (:func:`segment_attention`), not as L x L scores of which most are masked; equal to
+        ``mask=packed_attention_mask(segment)`` within float tolerance."""
         if self.start_token is not None:
             raise VoxseqError("model.start_token applies to image inputs (forward_features, forward_intermediates), "
                               "not to token sequences")
-        x, _ = self.run_blocks(self.embed_tokens(tokens, pos), mask, is_causal, rope=self.rope_for(pos))
+        if segment is not None and mask is not None:
+            raise VoxseqError("forward_tokens takes a mask or segment ids, not both")
+        plan = segment_plan(segment) if segment is not None else None
+        x, _ = self.run_blocks(self.embed_tokens(tokens, pos), mask, is_causal, rope=self.rope_for(pos), segments=plan)
         return self.norm(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -463,4 +535,4 @@ def flops_per_token(cfg: ViTConfig, seq_len: int, training: bool = True) -> floa
 
 __all__ = ["ARViT3D", "Attention", "Block", "VIT_PRESETS", "ViT3D", "ViTConfig", "apply_rope", "build_ar_model",
            "count_params", "flops_per_token", "grid_positions", "key_padding_mask", "prefix_causal_mask", "rope_angles",
-           "rope_axis_dims", "sincos3_embed", "sincos_embed", "vit_config"]
+           "rope_axis_dims", "segment_attention", "segment_plan", "sincos3_embed", "sincos_embed", "vit_config"]

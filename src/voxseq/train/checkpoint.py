@@ -17,10 +17,12 @@ and converted to voxseq's names and a faithful encoder config (``voxseq.models.o
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,13 +57,39 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def _atomic(path: Path, write) -> None:
-    """Write through ``write(tmp_path)``, fsync, rename into place, fsync the folder."""
+    """Write through ``write(tmp_path)``, fsync, rename into place, fsync the folder. A write that fails
+    leaves nothing behind (its temporary file is removed)."""
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    write(tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise
     _fsync_dir(path.parent)
+
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+LOW_SPACE_BYTES = 256 << 20  # a failed write with less free space than this is taken for a full disk
+
+
+def _write_failed(e: BaseException) -> bool:
+    """An OSError, or torch.save's RuntimeError for a failed write (its zip writer hides the errno)."""
+    return isinstance(e, OSError) or (isinstance(e, RuntimeError) and "write failed" in str(e))
+
+
+def _disk_full(e: BaseException, folder: Path) -> bool:
+    if isinstance(e, OSError) and e.errno is not None:
+        return e.errno in DISK_FULL_ERRNOS
+    try:
+        return shutil.disk_usage(folder).free < LOW_SPACE_BYTES
+    except OSError:
+        return False
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -126,14 +154,28 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module | di
     weights_path, optim_path, meta_path = checkpoint_paths(folder, step)
     raw = model if isinstance(model, dict) else unwrap_model(model).state_dict()
     state = {k: v.detach().contiguous().cpu() for k, v in clean_state_dict(raw).items()}
-    _atomic(weights_path, lambda p: save_file(state, str(p)))
-    sums = {weights_path.name: _sha256(weights_path)}
-    if training_state is not None:
-        _atomic(optim_path, lambda p: torch.save(training_state, p))
-        sums[optim_path.name] = _sha256(optim_path)
-    info = {"step": step, "voxseq_version": __version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "sha256": sums, **(meta or {})}
-    _atomic(meta_path, lambda p: p.write_text(json.dumps(info, indent=1)))
+    existed = meta_path.exists()
+    try:
+        _atomic(weights_path, lambda p: save_file(state, str(p)))
+        sums = {weights_path.name: _sha256(weights_path)}
+        if training_state is not None:
+            _atomic(optim_path, lambda p: torch.save(training_state, p))
+            sums[optim_path.name] = _sha256(optim_path)
+        info = {"step": step, "voxseq_version": __version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "sha256": sums, **(meta or {})}
+        _atomic(meta_path, lambda p: p.write_text(json.dumps(info, indent=1)))
+    except BaseException as e:
+        if not existed:  # no metadata: the files of this step never counted; leave no orphans to fill the disk
+            for p in (weights_path, optim_path):
+                p.unlink(missing_ok=True)
+        if _write_failed(e):
+            previous = [s for s in _steps(folder) if s != step]
+            kept = (f"the previous checkpoint (step {previous[-1]}) is intact and --resume continues from it"
+                    if previous else "no earlier checkpoint exists")
+            cause = "no space left on device" if _disk_full(e, folder) else f"write failed ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})"
+            raise VoxseqError(f"{folder}: {cause} while writing the checkpoint of step {step}; {kept}"
+                              + ("; free space, then run it again" if "space" in cause else "")) from None
+        raise
     _prune(folder, keep_last)
     return meta_path
 
