@@ -244,3 +244,13 @@ def test_python_api_embeds_a_scan(tmp_path, ar_run, samples):
                            capture_output=True, text=True)
     assert probe.stdout.strip() == "False"  # the API is imported lazily
 
+
+
+def test_python_api_finetunes(tmp_path, ar_run):
+    """The README's fine-tuning example, on a tiny budget: the five-class config from an AR run."""
+    from voxseq.tasks.finetune_seg import load_seg_config, run_finetune_seg
+
+    cfg = load_seg_config(ROOT / "configs" / "seg_phantom_organs5.yaml", [*SEG_TINY, "max_steps=3"])
+    result = run_finetune_seg(cfg, tmp_path / "seg5", init=str(ar_run))
+    assert 0.0 <= result["val"]["mean_dice"] <= 1.0 and len(result["val"]["dice_per_class"]) == 4
+    assert (tmp_path / "seg5" / "checkpoints" / "model_00000003.json").is_file()
