@@ -33,16 +33,20 @@ def _prepare(manifest: Path, out: Path, env: dict | None = None) -> subprocess.P
 
 
 def test_two_prepares_on_one_folder_take_turns(tmp_path, phantoms):
-    """Started together, one builds the cache and the other waits, then reuses every volume: both exit 0, each
-    volume is written once and verifies, nothing half-written is left."""
+    """Both started while the folder is locked, then released together: one builds the cache and the other
+    waits, then reuses every volume: both exit 0, each volume is written once and verifies, nothing
+    half-written is left. (Holding the lock first makes them contend however slowly they start.)"""
     out = tmp_path / "cache"
-    procs = [_prepare(phantoms, out), _prepare(phantoms, out)]
+    out.mkdir()
+    with cache_lock(out):
+        procs = [_prepare(phantoms, out), _prepare(phantoms, out)]
+        first_lines = [p.stderr.readline() for p in procs]  # each says once that it waits, then blocks
+    assert all("waiting for another voxseq prepare" in line for line in first_lines), first_lines
     results = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], results
     summaries = sorted(next(ln for ln in o.splitlines() if ln.startswith("prepared ")) for o, _ in results)
     assert summaries[0].startswith("prepared 0 volume(s), reused 4") and summaries[1].startswith("prepared 4 volume(s), reused 0")
-    waited = [e for _, e in results if "waiting for another voxseq prepare" in e]
-    assert len(waited) == 1 and len([ln for ln in waited[0].splitlines() if ln.strip()]) == 1
+    assert not any("waiting for another voxseq prepare" in e for _, e in results)  # one note each, not repeated
     ids = [json.loads(ln)["id"] for ln in (out / "index.jsonl").read_text().splitlines()]
     assert len(ids) == len(set(ids)) == 4 and not list(out.rglob(".tmp-*"))
     cache = Cache(out, verify=True)
