@@ -230,18 +230,22 @@ def _prepare_outcomes(cases: list[Path], out: Path, timeout_per_case: float = 10
 
 def run_fuzz(folder: Path, n: int, originals: dict[str, bytes]) -> dict[str, dict[str, int]]:
     cases = write_cases(folder / "cases", n, originals)
-    info = _info_outcomes(list(cases))
-    prep = _prepare_outcomes(list(cases), folder / "cache")
+    return tally(cases, _info_outcomes(list(cases)), _prepare_outcomes(list(cases), folder / "cache"),
+                 "fuzz outcomes per mutation kind")
+
+
+def tally(cases: dict[Path, str], info: dict[Path, str], prep: dict[Path, str], title: str) -> dict[str, dict[str, int]]:
+    """Every case ended in a valid volume or a clean error, in `info` and in `prepare`; counts per kind."""
     bad = {f"{c.name} ({what})": (info[c], prep[c]) for c, what in cases.items()
            if info[c] not in ("ok", "error") or prep[c] not in ("ok", "error")}
-    assert not bad, f"{len(bad)} of {n} cases did not end cleanly: {bad}"
+    assert not bad, f"{len(bad)} of {len(cases)} cases did not end cleanly: {bad}"
     counts: dict[str, dict[str, int]] = {}
     for c in cases:
         kind = c.name.split("_", 1)[1].split(".")[0]
         counts.setdefault(kind, {"info_ok": 0, "info_error": 0, "prepare_ok": 0, "prepare_error": 0})
         counts[kind][f"info_{info[c]}"] += 1
         counts[kind][f"prepare_{prep[c]}"] += 1
-    print(f"fuzz outcomes per mutation kind ({n} cases): {json.dumps(counts)}")
+    print(f"{title} ({len(cases)} cases): {json.dumps(counts)}")
     return counts
 
 
@@ -726,19 +730,8 @@ def _reader_prepare_outcomes(cases: list[Path], out: Path, timeout_per_case: flo
 
 def run_reader_fuzz(folder: Path, n: int, orig: dict) -> dict[str, dict[str, int]]:
     cases = dict(write_reader_case(folder / "cases", i, READER_KINDS[i % len(READER_KINDS)], orig) for i in range(n))
-    info = _reader_info_outcomes(list(cases))
-    prep = _reader_prepare_outcomes(list(cases), folder / "cache")
-    bad = {f"{c.name} ({what})": (info[c], prep[c]) for c, what in cases.items()
-           if info[c] not in ("ok", "error") or prep[c] not in ("ok", "error")}
-    assert not bad, f"{len(bad)} of {n} cases did not end cleanly: {bad}"
-    counts: dict[str, dict[str, int]] = {}
-    for c in cases:
-        kind = c.name.split("_", 1)[1].split(".")[0]
-        counts.setdefault(kind, {"info_ok": 0, "info_error": 0, "prepare_ok": 0, "prepare_error": 0})
-        counts[kind][f"info_{info[c]}"] += 1
-        counts[kind][f"prepare_{prep[c]}"] += 1
-    print(f"reader fuzz outcomes per kind ({n} cases): {json.dumps(counts)}")
-    return counts
+    return tally(cases, _reader_info_outcomes(list(cases)), _reader_prepare_outcomes(list(cases), folder / "cache"),
+                 "reader fuzz outcomes per kind")
 
 
 def test_reader_fuzz_quick(tmp_path, reader_originals):
