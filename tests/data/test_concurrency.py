@@ -29,7 +29,8 @@ def phantoms(tmp_path_factory) -> Path:
 
 def _prepare(manifest: Path, out: Path, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen([*VOXSEQ, "prepare", str(manifest), "--out", str(out), "-j", "1"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+                            stderr=subprocess.PIPE, text=True, encoding="utf-8", errors="replace",
+                            env={**os.environ, **(env or {})})
 
 
 def test_two_prepares_on_one_folder_take_turns(tmp_path, phantoms):
