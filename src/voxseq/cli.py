@@ -429,12 +429,12 @@ def linear_probe(
                                         "(default: the checkpoint's embedding default). Every layer is in the curve."),
 ) -> None:
     """Per-token linear probe (organ at each token's centre): pretrained versus random encoder, by layer."""
+    from voxseq.models.features import describe_geometry
     from voxseq.tasks.experiments import run_token_probe
 
     _reads_config_data()
     r = run_token_probe(config, init, out, list(overrides or []), window=window, layer=layer)
-    typer.echo(f"layer {r['layer']}, " + ("whole volumes" if r["window_zyx"] is None else
-                                         f"windows of {'x'.join(map(str, r['window_zyx']))} voxels"))
+    typer.echo(f"layer {r['layer']}, {describe_geometry(r['window_zyx'])}")
     for name in ("pretrained", "random"):
         typer.echo(f"{name:10s} accuracy {r[name]['accuracy']:.4f}  balanced accuracy {r[name]['balanced_accuracy']:.4f}")
         curve = r["layers"][name]
@@ -464,8 +464,8 @@ def embed(
     """Encoder features of volumes, with the checkpoint's own preprocessing."""
     import numpy as np
 
-    from voxseq.models.features import parse_layer
-    from voxseq.tasks.encoders import default_layer, embed_file, encoder_from_checkpoint, random_encoder, resolve_window
+    from voxseq.models.features import describe_geometry
+    from voxseq.tasks.encoders import embed_file, embedding_setup, encoder_from_checkpoint, random_encoder
 
     if (checkpoint is None) == (random_init is None):
         raise VoxseqError("give exactly one of --checkpoint and --random-init")
@@ -478,10 +478,8 @@ def embed(
         encoder, pre = random_encoder(random_init)
         meta = {}
     _reads_volumes(nonfinite)
-    window_zyx = resolve_window(window, meta, encoder.cfg.patch_size)
-    chosen = parse_layer(default_layer(meta) if layer is None else layer, encoder.num_layers)
-    typer.echo(f"layer {chosen}, " + ("whole volumes" if window_zyx is None else
-                                      f"windows of {'x'.join(map(str, window_zyx))} voxels (overlap {overlap:g})"))
+    chosen, window_zyx = embedding_setup(encoder, meta, layer, window)
+    typer.echo(f"layer {chosen}, {describe_geometry(window_zyx, overlap)}")
     results = [embed_file(encoder, pre, f, per_token=per_token, window_zyx=window_zyx, layer=chosen, overlap=overlap,
                           nonfinite=nonfinite) for f in files]
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -37,6 +37,13 @@ def parse_layer(value: str | int, depth: int) -> Layer:
     return n
 
 
+def describe_geometry(window_zyx: Sequence[int] | None, overlap: float | None = None) -> str:
+    """How tokens are embedded, for messages and reports: "whole volumes" or "windows of 64x64x64 voxels"."""
+    if window_zyx is None:
+        return "whole volumes"
+    return f"windows of {'x'.join(map(str, window_zyx))} voxels" + ("" if overlap is None else f" (overlap {overlap:g})")
+
+
 def window_starts(size: int, window: int, overlap: float) -> list[int]:
     """Start indices of windows of ``window`` cells covering ``size`` cells, adjacent ones sharing about
     ``overlap`` of a window; the last one ends at ``size``. One window when it covers everything."""
@@ -117,4 +124,4 @@ def token_features_layers(encoder, image: torch.Tensor, layers: Sequence[Layer],
     return [(t / count).reshape(-1, t.shape[-1]) for t in totals]
 
 
-__all__ = ["Layer", "parse_layer", "token_features", "token_features_layers", "window_starts"]
+__all__ = ["Layer", "describe_geometry", "parse_layer", "token_features", "token_features_layers", "window_starts"]

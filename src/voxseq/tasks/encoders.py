@@ -68,12 +68,18 @@ def embed(encoder: ViT3D, pre: Preprocess, path: str | Path, *, per_token: bool 
           **kwargs: Any) -> dict[str, np.ndarray]:
     """:func:`embed_file` with ``voxseq embed``'s defaults: ``layer`` None is the checkpoint's default
     (pass its ``meta``: the middle block of AR runs), ``window`` as ``--window``."""
+    chosen, window_zyx = embedding_setup(encoder, meta or {}, layer, window)
+    return embed_file(encoder, pre, path, per_token=per_token, layer=chosen, window_zyx=window_zyx, **kwargs)
+
+
+def embedding_setup(encoder: ViT3D, meta: dict[str, Any], layer: Layer | str | None,
+                    window: str | Sequence[int] | None) -> tuple[Layer, list[int] | None]:
+    """(layer, window in voxels) that ``embed`` uses: ``layer`` None is the checkpoint's default layer,
+    ``window`` as :func:`resolve_window`."""
     from voxseq.models.features import parse_layer
 
-    meta = meta or {}
     chosen = parse_layer(default_layer(meta) if layer is None else layer, encoder.num_layers)
-    return embed_file(encoder, pre, path, per_token=per_token, layer=chosen,
-                      window_zyx=resolve_window(window, meta, encoder.cfg.patch_size), **kwargs)
+    return chosen, resolve_window(window, meta, encoder.cfg.patch_size)
 
 
 def random_encoder(preset: str, patch_size: int | None = None) -> tuple[ViT3D, Preprocess]:

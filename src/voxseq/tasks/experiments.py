@@ -162,18 +162,17 @@ def run_token_probe(config: str | Path, init: str | Path, out: str | Path, overr
     """
     import torch
 
-    from voxseq.models.features import parse_layer
+    from voxseq.models.features import describe_geometry
     from voxseq.models.vit3d import ViT3D
     from voxseq.tasks.data import ensure_cache, open_cache
-    from voxseq.tasks.encoders import default_layer, encoder_from_checkpoint, resolve_window
+    from voxseq.tasks.encoders import embedding_setup, encoder_from_checkpoint
     from voxseq.tasks.finetune_seg import load_seg_config
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = load_seg_config(config, list(overrides or []))
     pretrained, pre, meta, _ = encoder_from_checkpoint(init, start_token=start_token)
-    window_zyx = resolve_window(window, meta, pretrained.cfg.patch_size)
-    headline = parse_layer(default_layer(meta) if layer is None else layer, pretrained.num_layers)
+    headline, window_zyx = embedding_setup(pretrained, meta, layer, window)
     cfg.data.preprocess = pre
     ensure_cache(cfg.data, out, progress)
     cache = open_cache(Path(cfg.data.cache) if cfg.data.cache else out / "cache", None, cfg.data.label_map)
@@ -194,7 +193,7 @@ def run_token_probe(config: str | Path, init: str | Path, out: str | Path, overr
         result["layers"][name] = curve
         result[name] = {**curve[str(headline)], "train_tokens": int(len(ytr)), "test_tokens": int(len(yte))}
     (out / "token_probe.json").write_text(json.dumps(result, indent=1))
-    where = "whole volumes" if window_zyx is None else f"windows of {'x'.join(map(str, window_zyx))} voxels"
+    where = describe_geometry(window_zyx)
     md = ["# Per-token linear probe (organ at the token's centre)", "", f"Pretrained encoder: `{init}`; tokens embedded "
           f"through {where}; headline layer: {headline}.", "",
           "| encoder | accuracy | balanced accuracy |", "|---|---|---|"]
