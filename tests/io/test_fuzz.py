@@ -174,23 +174,28 @@ def _info_outcomes(cases: list[Path], timeout_per_case: float = 10.0) -> dict[Pa
     clean = rc in (0, 2) and "Traceback" not in err and all(ln.startswith("voxseq: error: ") for ln in _error_lines(err))
     if not clean and len(cases) > 1:
         return {c: o for case in cases for c, o in _info_outcomes([case], timeout_per_case).items()}
+    return _classify(cases, rc, out, _error_lines(err), clean, err,
+                     lambda line, case: line.startswith(f"voxseq: error: {case}: "))
+
+
+def _classify(cases: list[Path], rc, out: str, errors: list[str], clean: bool, detail: str, named) -> dict[Path, str]:
+    """Per case of one ``info --json`` batch: "ok" (its JSON line, no error naming it), "error" (exactly one
+    error line naming it, ``named(line, case)``), or what went wrong; error lines naming no case spoil the "ok"s."""
     ok = {json.loads(ln)["path"] for ln in out.splitlines() if ln.startswith("{")}
-    errors = _error_lines(err)
     outcomes = {}
     for c in cases:
-        named = [ln for ln in errors if ln.startswith(f"voxseq: error: {c}: ")]
+        about = [ln for ln in errors if named(ln, c)]
         if not clean:
-            outcomes[c] = f"rc={rc}: {err.strip()[-300:]}"
-        elif str(c) in ok and not named:
+            outcomes[c] = f"rc={rc}: {detail.strip()[-300:]}"
+        elif str(c) in ok and not about:
             outcomes[c] = "ok"
-        elif len(named) == 1 and str(c) not in ok:
+        elif len(about) == 1 and str(c) not in ok:
             outcomes[c] = "error"
         else:
-            outcomes[c] = f"unaccounted (rc={rc}): {named}"
+            outcomes[c] = f"unaccounted (rc={rc}): {about}"
     if clean and len(errors) != sum(o == "error" for o in outcomes.values()):
-        extra = [ln for ln in errors if not any(ln.startswith(f"voxseq: error: {c}: ") for c in cases)]
-        for c in cases:
-            outcomes[c] = outcomes[c] if outcomes[c] != "ok" else f"stray error lines {extra}"
+        extra = [ln for ln in errors if not any(named(ln, c) for c in cases)]
+        outcomes = {c: o if o != "ok" else f"stray error lines {extra}" for c, o in outcomes.items()}
     return outcomes
 
 
@@ -673,21 +678,7 @@ def _reader_info_outcomes(cases: list[Path], timeout_per_case: float = 10.0) -> 
              and all(ln.startswith("{") for ln in out.splitlines() if ln.strip()))
     if not clean and len(cases) > 1:
         return {c: o for case in cases for c, o in _reader_info_outcomes([case], timeout_per_case).items()}
-    ok = {json.loads(ln)["path"] for ln in out.splitlines() if ln.startswith("{")}
-    outcomes = {}
-    for c in cases:
-        named = [ln for ln in errors if _named(ln, c)]
-        if not clean:
-            outcomes[c] = f"rc={rc}: {(out + err).strip()[-300:]}"
-        elif str(c) in ok and not named:
-            outcomes[c] = "ok"
-        elif len(named) == 1 and str(c) not in ok:
-            outcomes[c] = "error"
-        else:
-            outcomes[c] = f"unaccounted (rc={rc}): {named}"
-    if clean and len(errors) != sum(o == "error" for o in outcomes.values()):
-        outcomes = {c: o if o != "ok" else f"stray error lines {errors}" for c, o in outcomes.items()}
-    return outcomes
+    return _classify(cases, rc, out, errors, clean, out + err, _named)
 
 
 def _reader_prepare_outcomes(cases: list[Path], out: Path, timeout_per_case: float = 10.0) -> dict[Path, str]:
