@@ -118,3 +118,59 @@ def test_write_phantoms_manifest_and_files(tmp_path):
     assert read_volume(ct.label).array.max() <= max(ORGANS.values())
     assert ct.sentences == p.sentences and ct.classes == {k: float(x) for k, x in p.abnormalities.items()}
     assert list(recs[2].images) == ["t1n", "t1c", "t2w", "t2f"]
+
+
+def test_version2_keeps_anatomy_and_findings_and_changes_what_tells_organs_apart():
+    """Phantoms v2: the same seed's labels and findings; soft-tissue organs of overlapping mean HU across
+    patients, told apart by texture; one lesion appearance per category."""
+    v1, v2 = make_ct_phantom(3, scan="chest_abdomen", abnormalities=ALL_ON), \
+        make_ct_phantom(3, scan="chest_abdomen", abnormalities=ALL_ON, version=2)
+    assert np.array_equal(v1.label.array, v2.label.array) and v1.abnormalities == v2.abnormalities
+    assert v1.lesions == v2.lesions and not np.array_equal(v1.image.array, v2.image.array)
+    assert np.array_equal(v2.image.array, make_ct_phantom(3, scan="chest_abdomen", abnormalities=ALL_ON,
+                                                          version=2).image.array)
+    from scipy.ndimage import binary_erosion
+
+    means = {o: [] for o in ("liver", "spleen", "kidney_left")}
+    stds = {o: [] for o in means}
+    for seed in range(8):
+        p = make_ct_phantom(seed, scan="abdomen", version=2)
+        hu, lab = p.image.array.astype(float), p.label.array
+        for o in means:
+            m = binary_erosion((lab == ORGANS[o]) & ~p.lesion_mask, iterations=2)  # away from partial volumes
+            means[o].append(hu[m].mean())
+            stds[o].append(hu[m].std())
+    # intensity ranges overlap across patients: every organ's range meets every other's
+    for a in means:
+        for b in means:
+            assert max(min(means[a]), min(means[b])) < min(max(means[a]), max(means[b])), (a, b)
+    # texture does tell them apart: the spleen is homogeneous, the liver granular, the kidney two-toned
+    assert max(stds["spleen"]) < min(stds["liver"]) and max(stds["spleen"]) < min(stds["kidney_left"])
+    # the liver lesion: a hypodense core inside an enhancing rim, in every patient
+    liver_box = next(b for b in v2.lesions if b.category == "liver")
+    x0, y0, z0, x1, y1, z1 = liver_box.bbox_xyz
+    patch = v2.image.array[z0:z1, y0:y1, x0:x1].astype(float)
+    core = patch[tuple(s // 2 for s in patch.shape)]
+    assert core < np.median(v2.image.array[v2.label.array == ORGANS["liver"]]) < patch.max()
+    with pytest.raises(ValueError, match="version"):
+        make_ct_phantom(1, version=3)
+
+
+def test_version2_mri_tissues_need_several_contrasts():
+    """Every pair of brain tissues ties in at least one contrast (before noise and gain), so only the
+    contrasts together separate them; the labels stay those of version 1."""
+    from voxseq.data.phantoms import _MRI_TISSUE_V2
+
+    brain = ("csf", "grey", "white", "oedema", "enhancing", "necrotic")
+    for i, a in enumerate(brain):
+        for b in brain[i + 1:]:
+            va, vb = np.array(_MRI_TISSUE_V2[a]), np.array(_MRI_TISSUE_V2[b])
+            assert (np.abs(va - vb) < 1e-9).any() and (np.abs(va - vb) > 0.1).any(), (a, b)
+    m1, m2 = make_mri_phantom(2), make_mri_phantom(2, version=2)
+    assert np.array_equal(m1.label.array, m2.label.array) and m2.image.array.shape == (4, 64, 96, 96)
+
+
+def test_write_phantoms_version2_manifest(tmp_path):
+    manifest = write_phantoms(tmp_path, n_ct=1, n_mri=1, seed=1, size_xy=48, max_slices=32, progress=False, version=2)
+    records = read_manifest(manifest)
+    assert [r.extra["phantom_version"] for r in records] == [2, 2]

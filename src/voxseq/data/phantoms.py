@@ -25,6 +25,16 @@ label   organ           HU (mean)   notes
 10      bone            250..700    vertebrae (with discs) and ribs; lytic lesion 90 HU
 ======  ==============  ==========  =======================================================
 
+Version 2 (``version=2``, the CPU proxy of ``docs/reproducing.md``) keeps the anatomy and findings of a
+seed and changes what tells tissues apart. Soft-tissue organs get one shared level (45-58 HU) plus a
+per-patient offset (sd 12 HU), so their intensity ranges overlap across patients, and a texture of their
+own: striated muscle, a granular liver with bright vessels, a homogeneous spleen, kidneys with a bright
+cortex around darker medulla, a heart with a blood pool inside a darker wall. Each lesion category has one
+appearance across patients (liver lesions hypodense with an enhancing rim, lytic bone lesions with a
+sclerotic margin, lung nodules with a calcified centre, kidney cysts homogeneous water). MRI tissues tie
+in at least one contrast for every pair of brain tissues, with a per-patient gain on each contrast, so
+only the contrasts together separate them.
+
 Brain MRI (``make_mri_phantom``): t1n, t1c, t2w, t2f channels (float, arbitrary units) of one head
 with scalp, skull, CSF, grey and white matter, ventricles and a glioma-like lesion; labels follow
 BraTS 2023 (1 necrotic core, 2 oedema, 3 enhancing tumour).
@@ -51,6 +61,9 @@ SENTENCE_ORGANS: dict[str, tuple[int, ...]] = {
 ABNORMALITIES = ("lung nodule", "pleural effusion", "cardiomegaly", "liver lesion", "kidney cyst", "bone lesion")
 MRI_CONTRASTS = ("t1n", "t1c", "t2w", "t2f")
 BRATS_LABELS = {"background": 0, "necrotic_core": 1, "oedema": 2, "enhancing": 3}
+PHANTOM_VERSIONS = (1, 2)
+# version 2: the shared soft-tissue level each organ's per-patient mean HU is drawn around (sd 12 HU)
+V2_SOFT_TISSUE_HU = {"muscle": 45.0, "heart": 50.0, "liver": 55.0, "spleen": 55.0, "kidney": 58.0}
 SCAN_RANGES_MM = {"chest": (360.0, 600.0), "abdomen": (140.0, 420.0), "chest_abdomen": (140.0, 600.0)}
 
 
@@ -115,13 +128,16 @@ def _pick_inside(rng, mask: np.ndarray, zz, yy, xx) -> tuple[float, float, float
 
 
 def make_ct_phantom(seed: int, size_xy: int = 128, max_slices: int = 160, scan: str | None = None,
-                    abnormalities: dict[str, int] | None = None) -> CTPhantom:
+                    abnormalities: dict[str, int] | None = None, version: int = 1) -> CTPhantom:
     """One synthetic CT torso. Same seed, same phantom (byte for byte).
 
     ``size_xy``: in-plane voxels (the field of view, 340-400 mm, sets the spacing); ``scan``: chest,
     abdomen or chest_abdomen (default: drawn from the seed); ``abnormalities``: force findings on (1)
-    or off (0), others are drawn with probability ~0.4.
+    or off (0), others are drawn with probability ~0.4. ``version`` 2 gives the soft-tissue organs
+    overlapping intensities and their own textures, and each lesion category one appearance
+    (module docstring); the anatomy, labels and findings are those of version 1 for the same seed.
     """
+    _check_version(version)
     rng = np.random.default_rng(seed)
     scan = scan or ("chest", "abdomen", "chest_abdomen")[int(rng.integers(3))]
     z_lo, z_hi = SCAN_RANGES_MM[scan]
@@ -172,7 +188,8 @@ def make_ct_phantom(seed: int, size_xy: int = 128, max_slices: int = 160, scan: 
         hu[lung & vessels] = -450.0
     # heart between the lungs, anterior, left of midline
     heart_scale = 1.3 if found["cardiomegaly"] else 1.0
-    heart = _ellipsoid(zz, yy, xx, (18, -35, lz - 60), np.array([55, 42, 50]) * heart_scale * j(0.05)) < 1
+    heart_r = _ellipsoid(zz, yy, xx, (18, -35, lz - 60), np.array([55, 42, 50]) * heart_scale * j(0.05))
+    heart = heart_r < 1
     put("heart", heart & body, 45.0)
     # liver: patient's right (negative x), below the right lung dome
     liver = _ellipsoid(zz, yy, xx, (-62 * j(0.05), 0, 335 * j(0.03)), (78 * j(0.08), 75 * j(0.06), 70 * j(0.08))) < 1
@@ -180,10 +197,12 @@ def make_ct_phantom(seed: int, size_xy: int = 128, max_slices: int = 160, scan: 
     put("liver", liver & body, 60.0)
     spleen = _ellipsoid(zz, yy, xx, (88 * j(0.05), 35, 330 * j(0.03)), (28 * j(0.1), 40 * j(0.1), 45 * j(0.1))) < 1
     put("spleen", spleen & ~liver & body, 50.0)
+    kidney_r = []  # normalised distance to each kidney's centre (version 2: cortex and medulla)
     for name, side in (("kidney_right", -1), ("kidney_left", 1)):
         kz = 265 * j(0.03) + (10 if side < 0 else 0)  # the right kidney sits a little lower
-        kidney = _ellipsoid(zz, yy, xx, (side * 62, 58, kz), (27 * j(0.08), 30 * j(0.08), 52 * j(0.08))) < 1
-        put(name, kidney & body, 150.0)
+        r_k = _ellipsoid(zz, yy, xx, (side * 62, 58, kz), (27 * j(0.08), 30 * j(0.08), 52 * j(0.08)))
+        kidney_r.append(r_k)
+        put(name, (r_k < 1) & body, 150.0)
     # aorta: tube anterior-left of the spine
     aorta = ((xx - 15) ** 2 + (yy - 28) ** 2 < (12 * j(0.1)) ** 2) & (zz > 150) & (zz < 520) & body
     put("aorta", aorta, 200.0)
@@ -202,7 +221,11 @@ def make_ct_phantom(seed: int, size_xy: int = 128, max_slices: int = 160, scan: 
     rib_r = (x / (ax * 0.93)) ** 2 + ((y - 5) / (ay * 0.93)) ** 2
     ribs = (np.abs(rib_r - 1) < 0.07) & (np.mod(zz + seed * 3, 25) < 8) & (zz > 330) & (yy > -ay * 0.7)
     put("bone", ribs & body, 700.0)
+    if version >= 2:
+        organ_hu = _retexture_v2(seed, hu, label, (zz, yy, xx), (sxy, sxy, sz), heart_r, np.minimum(*kidney_r))
 
+    else:
+        organ_hu = {}
     # lesions, placed inside their organ where the organ is in view
     lesion_mask = np.zeros(label.shape, bool)
     lesions: list[Box] = []
@@ -213,13 +236,15 @@ def make_ct_phantom(seed: int, size_xy: int = 128, max_slices: int = 160, scan: 
         if c is None:
             found[finding] = 0
             return
-        ball = _ellipsoid(zz, yy, xx, c, (radius_mm, radius_mm, radius_mm)) < 1
-        ball &= organ_mask
+        d = _ellipsoid(zz, yy, xx, c, (radius_mm, radius_mm, radius_mm))
+        ball = (d < 1) & organ_mask
         box = _box_of(ball)
         if box is None:
             found[finding] = 0
             return
         hu[ball] = value
+        if version >= 2:  # one appearance per category, whatever the patient
+            _lesion_pattern_v2(category, hu, ball, np.sqrt(d), organ_hu)
         lesion_mask[ball] = True
         lesions.append(Box(category, box))
         sizes[finding] = 2 * radius_mm
@@ -252,12 +277,70 @@ def make_ct_phantom(seed: int, size_xy: int = 128, max_slices: int = 160, scan: 
     hu = np.clip(np.round(hu), -1024, 3071).astype(np.int16)
     spacing = (sxy, sxy, sz)
     origin = (-fov / 2 + sxy / 2, -fov / 2 + sxy / 2, z_lo + sz / 2)
-    meta = {"phantom": "ct", "seed": seed, "scan": scan}
+    meta = {"phantom": "ct", "seed": seed, "scan": scan, **({"version": version} if version > 1 else {})}
     return CTPhantom(
         image=Volume(hu, spacing, origin, meta=dict(meta)),
         label=Volume(label, spacing, origin, meta=dict(meta)),
         lesions=lesions, lesion_mask=lesion_mask, sentences=sentences,
         report=" ".join(sentences.values()), abnormalities={a: int(found[a]) for a in ABNORMALITIES}, scan=scan)
+
+
+def _check_version(version: int) -> None:
+    if version not in PHANTOM_VERSIONS:
+        raise ValueError(f"phantom version must be one of {PHANTOM_VERSIONS}, not {version!r}")
+
+
+def _noise(rng, shape, sigma_mm: float, spacing_xyz) -> np.ndarray:
+    """Gaussian noise smoothed to a grain of ``sigma_mm`` whatever the spacing, unit standard deviation."""
+    from scipy.ndimage import gaussian_filter
+
+    sigma = [sigma_mm / s for s in spacing_xyz[::-1]]  # (z, y, x) voxels
+    a = gaussian_filter(rng.standard_normal(shape, dtype=np.float32), sigma, mode="wrap")
+    return a / max(float(a.std()), 1e-6)
+
+
+def _retexture_v2(seed: int, hu: np.ndarray, label: np.ndarray, zyx_mm, spacing_xyz, heart_r: np.ndarray,
+                  kidney_r: np.ndarray) -> dict[str, float]:
+    """Version 2 soft tissue: each organ's mean HU is drawn per patient around one shared level (so the
+    ranges overlap across patients, as liver, spleen and kidney cortex do in real CT) and the organs differ
+    in texture instead: striated muscle, a granular liver with bright vessels, a homogeneous spleen,
+    kidneys with a bright cortex around darker medulla, a heart with a blood pool inside a darker wall.
+    Drawn from a generator of its own, so anatomy and findings stay those of version 1. Returns the
+    organ means (lesion patterns are set relative to them)."""
+    rng = np.random.default_rng(20_000 + seed)
+    zz, yy, xx = zyx_mm
+    shape = hu.shape
+    fine, coarse = _noise(rng, shape, 1.5, spacing_xyz), _noise(rng, shape, 4.0, spacing_xyz)
+    va, vb = _noise(rng, shape, 6.0, spacing_xyz), _noise(rng, shape, 6.0, spacing_xyz)
+    mean = {k: base + float(rng.normal(0, 12)) for k, base in V2_SOFT_TISSUE_HU.items()}
+    theta = rng.uniform(0, np.pi)
+    muscle = (label == ORGANS["body"]) & (hu == 35.0)
+    stripes = np.sin(2 * np.pi * (xx * np.cos(theta) + yy * np.sin(theta)) / 14.0 + 2.5 * coarse)
+    hu[muscle] = (mean["muscle"] + 20 * stripes)[muscle]
+    heart = label == ORGANS["heart"]
+    hu[heart] = (mean["heart"] + np.where(heart_r > 0.6, -30.0, 25.0) + 4 * fine)[heart]
+    liver = label == ORGANS["liver"]
+    vessels = (np.abs(va) < 0.15) & (np.abs(vb) < 0.15)
+    hu[liver] = (mean["liver"] + 14 * coarse + 60 * vessels)[liver]
+    spleen = label == ORGANS["spleen"]
+    hu[spleen] = (mean["spleen"] + 3 * fine)[spleen]
+    kidney = (label == ORGANS["kidney_right"]) | (label == ORGANS["kidney_left"])
+    hu[kidney] = (mean["kidney"] + np.where(kidney_r > 0.5, 30.0, -35.0) + 6 * coarse)[kidney]
+    return mean
+
+
+def _lesion_pattern_v2(category: str, hu: np.ndarray, ball: np.ndarray, dist: np.ndarray,
+                       organ_hu: dict[str, float]) -> None:
+    """Version 2 lesions: one appearance per category across patients (what semantic sequences share)."""
+    rim = ball & (dist > 0.7)
+    if category == "liver":  # hypodense with an enhancing rim
+        hu[ball] = organ_hu["liver"] - 45
+        hu[rim] = organ_hu["liver"] + 45
+    elif category == "bone":  # lytic with a sclerotic margin
+        hu[rim] = 650.0
+    elif category == "lung":  # solid with a calcified centre
+        hu[ball & (dist < 0.35)] = 400.0
+    # kidney cysts stay homogeneous water
 
 
 def _ct_sentences(present: dict[str, bool], found: dict[str, int], sizes: dict[str, float]) -> dict[str, str]:
@@ -298,9 +381,23 @@ _MRI_TISSUE = {
     "enhancing": (0.6, 1.0, 0.6, 0.75), "necrotic": (0.3, 0.32, 0.9, 0.45),
 }
 
+# version 2: two levels per contrast and a code per tissue such that every pair of brain tissues ties in at
+# least one contrast and differs in another (no tissue's code is another's complement)
+_L, _H = 0.35, 0.8
+_MRI_TISSUE_V2 = {
+    "scalp": (0.85, 0.85, 0.55, 0.5), "skull": (0.08, 0.08, 0.08, 0.08), "csf": (_L, _L, _H, _L),
+    "grey": (_L, _L, _L, _H), "white": (_H, _L, _L, _L), "oedema": (_L, _L, _H, _H),
+    "enhancing": (_L, _H, _L, _L), "necrotic": (_H, _L, _H, _L),
+}
 
-def make_mri_phantom(seed: int, shape_zyx: tuple[int, int, int] = (64, 96, 96), spacing_xyz=(2.0, 2.0, 2.0)) -> MRIPhantom:
-    """One synthetic 4-contrast brain MRI (co-registered t1n, t1c, t2w, t2f) with a glioma-like lesion."""
+
+def make_mri_phantom(seed: int, shape_zyx: tuple[int, int, int] = (64, 96, 96), spacing_xyz=(2.0, 2.0, 2.0),
+                     version: int = 1) -> MRIPhantom:
+    """One synthetic 4-contrast brain MRI (co-registered t1n, t1c, t2w, t2f) with a glioma-like lesion.
+
+    ``version`` 2 uses tissue intensities that tie in at least one contrast for every pair of brain tissues
+    (so only several contrasts together tell them apart) and a per-patient gain on each contrast."""
+    _check_version(version)
     rng = np.random.default_rng(10_000 + seed)
     nz, ny, nx = shape_zyx
     sx, sy, sz = spacing_xyz
@@ -335,13 +432,16 @@ def make_mri_phantom(seed: int, shape_zyx: tuple[int, int, int] = (64, 96, 96), 
     label[(d < 0.6 * rc) & brain] = BRATS_LABELS["necrotic_core"]
     for lab_name, tissue_name in (("oedema", "oedema"), ("enhancing", "enhancing"), ("necrotic_core", "necrotic")):
         tissue[label == BRATS_LABELS[lab_name]] = names.index(tissue_name)
-    table = np.array([_MRI_TISSUE[n] for n in names] + [(0.0, 0.0, 0.0, 0.0)], np.float32)  # index -1 -> air
+    tissues = _MRI_TISSUE_V2 if version >= 2 else _MRI_TISSUE
+    table = np.array([tissues[n] for n in names] + [(0.0, 0.0, 0.0, 0.0)], np.float32)  # index -1 -> air
+    if version >= 2:
+        table *= np.random.default_rng(30_000 + seed).uniform(0.85, 1.15, 4).astype(np.float32)
     image = np.moveaxis(table[tissue], -1, 0)  # (4, Z, Y, X)
     bias = 1 + 0.15 * (xx / head[0]) * j(0.5) + 0.1 * (zz / head[2])
     image = np.stack([_smooth(ch, 0.7) for ch in image]) * bias
     image = (image + rng.normal(0, 0.02, image.shape)).clip(0, None).astype(np.float32)
     box = _box_of(label > 0)
-    meta = {"phantom": "mri", "seed": seed}
+    meta = {"phantom": "mri", "seed": seed, **({"version": version} if version > 1 else {})}
     origin = tuple(float(-n / 2 * s) for n, s in zip((nx, ny, nz), spacing_xyz))
     lesions = [Box("glioma", box)] if box else []
     size_cm = (box[3] - box[0]) * sx / 10 if box else 0
@@ -364,25 +464,27 @@ def phantom_split(i: int) -> str:
 
 def write_phantoms(out_dir: str | Path, n_ct: int = 8, n_mri: int = 4, seed: int = 0, size_xy: int = 128,
                    max_slices: int = 160, mri_shape_zyx: tuple[int, int, int] = (64, 96, 96),
-                   progress: bool = True) -> Path:
-    """Write ``n_ct`` CT and ``n_mri`` MRI phantoms as compressed NIfTI plus ``manifest.jsonl``."""
+                   progress: bool = True, version: int = 1) -> Path:
+    """Write ``n_ct`` CT and ``n_mri`` MRI phantoms (of phantom ``version``) as compressed NIfTI plus
+    ``manifest.jsonl``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     records: list[Record] = []
     total = n_ct + n_mri
     bar = _bar(progress, total)
     for i in range(n_ct):
-        p = make_ct_phantom(seed * 100_003 + i, size_xy=size_xy, max_slices=max_slices)
+        p = make_ct_phantom(seed * 100_003 + i, size_xy=size_xy, max_slices=max_slices, version=version)
         name = f"ct_{i:03d}"
         write_volume(p.image, out / f"{name}_image.nii.gz")
         write_volume(p.label, out / f"{name}_label.nii.gz")
         records.append(Record(id=name, images={"image": f"{name}_image.nii.gz"}, label=f"{name}_label.nii.gz",
                               boxes=p.lesions, sentences=p.sentences, text=p.report,
                               classes={k: float(v) for k, v in p.abnormalities.items()}, split=phantom_split(i),
-                              extra={"kind": "ct", "scan": p.scan, "organs": ORGANS}))
+                              extra={"kind": "ct", "scan": p.scan, "organs": ORGANS,
+                                     **({"phantom_version": version} if version > 1 else {})}))
         bar()
     for i in range(n_mri):
-        p = make_mri_phantom(seed * 100_003 + i, shape_zyx=mri_shape_zyx)
+        p = make_mri_phantom(seed * 100_003 + i, shape_zyx=mri_shape_zyx, version=version)
         name = f"mri_{i:03d}"
         images = {}
         for c, contrast in enumerate(MRI_CONTRASTS):
@@ -391,7 +493,8 @@ def write_phantoms(out_dir: str | Path, n_ct: int = 8, n_mri: int = 4, seed: int
         write_volume(p.label, out / f"{name}_seg.nii.gz")
         records.append(Record(id=name, images=images, label=f"{name}_seg.nii.gz", boxes=p.lesions,
                               sentences=p.sentences, text=" ".join(p.sentences.values()), split=phantom_split(i),
-                              extra={"kind": "mri", "labels": BRATS_LABELS}))
+                              extra={"kind": "mri", "labels": BRATS_LABELS,
+                                     **({"phantom_version": version} if version > 1 else {})}))
         bar()
     return write_manifest(records, out / "manifest.jsonl")
 

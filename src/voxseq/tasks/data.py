@@ -22,6 +22,7 @@ class PhantomConfig:
     seed: int = 0
     size_xy: int = 128
     max_slices: int = 160
+    version: int = 1  # phantom generation (voxseq.data.phantoms): 2 = overlapping intensities, textures
 
 
 @dataclass
@@ -85,11 +86,12 @@ def gather_records(cfg: DataConfig, work_dir: Path, progress: bool = True) -> li
         from voxseq.data.phantoms import write_phantoms
 
         pc = cfg.phantoms
-        folder = work_dir / f"phantoms_ct{pc.n_ct}_mri{pc.n_mri}_seed{pc.seed}_{pc.size_xy}"
+        folder = work_dir / (f"phantoms_ct{pc.n_ct}_mri{pc.n_mri}_seed{pc.seed}_{pc.size_xy}"
+                             + (f"_v{pc.version}" if pc.version > 1 else ""))
         manifest = folder / "manifest.jsonl"
         if not manifest.is_file():
             write_phantoms(folder, n_ct=pc.n_ct, n_mri=pc.n_mri, seed=pc.seed, size_xy=pc.size_xy,
-                           max_slices=pc.max_slices, progress=progress)
+                           max_slices=pc.max_slices, progress=progress, version=pc.version)
         records += read_manifest(manifest)
     if cfg.samples:
         records += sample_records()
