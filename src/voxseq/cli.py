@@ -151,11 +151,14 @@ def phantoms(
     seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same phantoms)."),
     size_xy: int = typer.Option(128, "--size-xy", min=16, help="In-plane voxels of the CT torsos (the field of view sets the spacing)."),
     max_slices: int = typer.Option(160, "--max-slices", min=24, help="Most slices of a CT torso (its scan range sets the count)."),
+    phantom_version: int = typer.Option(1, "--phantom-version", min=1, max=2, help="2: organs of overlapping "
+                                        "intensity told apart by texture, shape and place (docs/reproducing.md)."),
 ) -> None:
     """Write deterministic synthetic CT torsos and multi-contrast brain MRIs with masks, lesions and text."""
     from voxseq.data.phantoms import write_phantoms
 
-    manifest = write_phantoms(out, n_ct=n_ct, n_mri=n_mri, seed=seed, size_xy=size_xy, max_slices=max_slices)
+    manifest = write_phantoms(out, n_ct=n_ct, n_mri=n_mri, seed=seed, size_xy=size_xy, max_slices=max_slices,
+                              version=phantom_version)
     typer.echo(f"wrote {n_ct} CT and {n_mri} MRI phantoms -> {manifest}")
 
 
@@ -406,11 +409,7 @@ def label_efficiency(
     from voxseq.tasks.experiments import run_label_efficiency
 
     _reads_config_data()
-    try:
-        r_list = [float(x) for x in ratios.split(",")]
-        s_list = [int(x) for x in seeds.split(",")]
-    except ValueError:
-        raise VoxseqError(f"--ratios {ratios!r} / --seeds {seeds!r}: expected comma-separated numbers") from None
+    r_list, s_list = _numbers(ratios, float, "--ratios"), _numbers(seeds, int, "--seeds")
     res = run_label_efficiency(config, init, out, r_list, s_list, list(overrides or []))
     for row in res["summary"]:
         typer.echo(f"ratio {row['ratio']:g} {row['arm']:10s} Dice {row['mean']:.4f} +- {row['std']:.4f} (n={row['n']})")
@@ -440,6 +439,72 @@ def linear_probe(
         curve = r["layers"][name]
         typer.echo(f"{'':10s} by layer: " + "  ".join(f"{k} {v['balanced_accuracy']:.3f}" for k, v in curve.items()))
     typer.echo(f"-> {out / 'token_probe.md'}")
+
+
+@experiment_app.command("compare")
+def compare(
+    config: Path = typer.Option(..., "--config", "-c", help="Segmentation config giving the labelled data and the "
+                                "fine-tuning budget (e.g. configs/seg_phantom_v2.yaml)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Experiment folder (re-running resumes the table)."),
+    ar: Optional[Path] = typer.Option(None, "--ar", help="An AR-SSL4M pretraining run folder or checkpoint."),
+    mae: Optional[Path] = typer.Option(None, "--mae", help="An MAE pretraining run of the same architecture and data."),
+    arms: str = typer.Option(",".join(("scratch", "random-frozen", "mae", "ar")), "--arms",
+                             help="Comma-separated: scratch, random-frozen, mae, ar, mae-frozen, ar-frozen."),
+    ratios: str = typer.Option("0.1,1.0", "--ratios", help="Comma-separated label ratios."),
+    seeds: str = typer.Option("0,1,2", "--seeds", help="Comma-separated seeds (pairs every arm with scratch)."),
+    probe: bool = typer.Option(True, "--probe/--no-probe", help="The per-layer token probe of random, MAE and AR encoders."),
+    jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Fine-tunings run at once (each with its share of the cores)."),
+    overrides: List[str] = typer.Argument(None, help="Config overrides key=value for every fine-tuning."),
+) -> None:
+    """Scratch, random-frozen, MAE and AR encoders: label efficiency paired by seed, and the token probe."""
+    from voxseq.tasks.experiments import run_compare
+
+    _reads_config_data()
+    r_list, s_list = _numbers(ratios, float, "--ratios"), _numbers(seeds, int, "--seeds")
+    res = run_compare(config, out, ar, mae, [a.strip() for a in arms.split(",") if a.strip()], r_list, s_list,
+                      list(overrides or []), probe=probe, jobs=jobs)
+    if res["probe"]:
+        p = res["probe"]
+        typer.echo("probe " + "  ".join(f"{k} {v:.4f} (layer {p['headline_layer'][k]})" for k, v in p["headline"].items()))
+    for row in res["summary"]:
+        typer.echo(f"ratio {row['ratio']:g} {row['arm']:14s} Dice {row['mean']:.4f} +- {row['std']:.4f} (n={row['n']})")
+    typer.echo(f"-> {out / 'compare.md'}")
+
+
+@experiment_app.command("ablation")
+def ablation(
+    config: Path = typer.Option(..., "--config", "-c", help="AR pretraining config the variants change (e.g. configs/ar_tiny.yaml)."),
+    seg_config: Path = typer.Option(..., "--seg-config", help="Segmentation config scoring each encoder "
+                                    "(e.g. configs/seg_phantom_v2.yaml)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Experiment folder (re-running reuses finished runs)."),
+    variants: str = typer.Option(",".join(("full", "causal", "stride4", "stride12", "spatial", "spatial+contrast")),
+                                 "--variants", help="Comma-separated variants (docs/reproducing.md lists what each changes)."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Pretraining steps of every variant (default: the config's)."),
+    ratio: float = typer.Option(0.1, "--ratio", help="Label ratio of the fine-tuning score."),
+    seeds: str = typer.Option("0", "--seeds", help="Comma-separated fine-tuning seeds."),
+    probe: bool = typer.Option(True, "--probe/--no-probe", help="The per-token probe of every variant's encoder."),
+    jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Fine-tunings run at once."),
+    overrides: List[str] = typer.Argument(None, help="Pretraining config overrides key=value (every variant)."),
+    seg_override: List[str] = typer.Option([], "--seg", help="A fine-tuning override key=value (repeatable)."),
+) -> None:
+    """AR-SSL4M's Table 4: pretrain each variant, score its probe and its fine-tuning at few labels."""
+    from voxseq.tasks.experiments import run_ablation
+
+    _reads_config_data()
+    res = run_ablation(config, seg_config, out, [v.strip() for v in variants.split(",") if v.strip()], steps, ratio,
+                       _numbers(seeds, int, "--seeds"), list(overrides or []), list(seg_override), probe=probe, jobs=jobs)
+    dice = {r["arm"]: r["mean"] for r in res["summary"]}
+    for name in ["scratch", *res["variants"]]:
+        pr = res.get("probe", {}).get("random" if name == "scratch" else name)
+        typer.echo(f"{name:18s} probe {'-' if pr is None else f'{pr:.4f}'}  Dice {dice.get(name, float('nan')):.4f}")
+    typer.echo(f"-> {out / 'ablation.md'}")
+
+
+def _numbers(text: str, kind, flag: str) -> list:
+    try:
+        return [kind(x) for x in text.split(",")]
+    except ValueError:
+        raise VoxseqError(f"{flag} {text!r}: expected comma-separated numbers") from None
 
 
 # ---------------------------------------------------------------------------- embed

@@ -29,6 +29,7 @@ import numpy as np
 from voxseq.data.cache import Cache
 from voxseq.data.preprocess import Preprocess
 from voxseq.tasks.data import PhantomConfig, ensure_cache, repo_path
+from voxseq.train.metrics import loss_summary
 
 AR_CONFIG = "configs/ar_tiny.yaml"
 SEG_CONFIG = "configs/seg_phantom_tiny.yaml"
@@ -69,14 +70,6 @@ def _drop_stale(folder: Path, upstream_reused: bool) -> None:
     """Results made from an earlier upstream step are stale once that step ran again."""
     if not upstream_reused and folder.exists():
         shutil.rmtree(folder)
-
-
-def _loss_summary(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """Mean loss of the first and the last tenth of the steps: single steps are too noisy to compare."""
-    head, tail = rows[: max(1, len(rows) // 10)], rows[-max(1, len(rows) // 10):]
-    first = sum(r["loss"] for r in head) / len(head)
-    last = sum(r["loss"] for r in tail) / len(tail)
-    return {"steps": rows[-1]["step"] + 1, "loss_start": first, "loss_end": last, "loss_drop": 1 - last / first}
 
 
 def _clean(x: Any) -> Any:
@@ -178,7 +171,7 @@ def step_pretrain(out: Path, s: dict[str, Any], upstream_reused: bool) -> dict[s
         run_pretrain_ar(cfg, run, resume=run.exists())
     rows = read_metrics(run)
     tail = rows[-max(1, len(rows) // 10):]
-    return {**_loss_summary(rows), "tokens_per_s": sum(r["tokens_per_s"] for r in tail) / len(tail),
+    return {**loss_summary(rows), "tokens_per_s": sum(r["tokens_per_s"] for r in tail) / len(tail),
             "seconds": time.perf_counter() - t, "reused": done, "run": str(run),
             "command": f"voxseq pretrain ar --config {AR_CONFIG} --out AR " + " ".join(overrides)}
 
@@ -272,7 +265,7 @@ def step_vlp(out: Path, s: dict[str, Any], upstream_reused: bool) -> dict[str, A
     if not done:
         run_pretrain_vlp(cfg, run, resume=run.exists())
     rows = read_metrics(run)
-    return {**_loss_summary(rows), "train_seconds": sum(r["step_time_s"] for r in rows),
+    return {**loss_summary(rows), "train_seconds": sum(r["step_time_s"] for r in rows),
             "chunks_per_s": sum(r["chunks_per_s"] for r in rows) / len(rows),
             "tokens_per_s": sum(r["tokens_per_s"] for r in rows) / len(rows),
             "seconds": time.perf_counter() - t, "reused": done, "run": str(run),

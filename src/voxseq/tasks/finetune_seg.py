@@ -40,6 +40,7 @@ class SegConfig:
     roi_zyx: list[int] = field(default_factory=lambda: [96, 96, 96])
     pos_fraction: float = 0.5  # crops centred on a labelled voxel
     label_ratio: float = 1.0  # fraction of the training cases used (fixed-seed subset)
+    freeze_encoder: bool = False  # train the decoder only, on the encoder's features as they are
     batch_size: int = 2
     max_steps: int = 500
     lr: float = 3e-4
@@ -166,6 +167,9 @@ class SegTask(FinetuneTask):
         self.model, init_pre, self.how = build_seg_model(cfg, self.init, self.load_weights)
         if init_pre is not None and cfg.use_init_preprocess:
             cfg.data.preprocess = init_pre
+        if cfg.freeze_encoder:
+            self.model.encoder.requires_grad_(False)
+            self.how += ", frozen"
         patch = self.model.encoder.cfg.patch_size
         if any(r % patch for r in cfg.roi_zyx):
             raise VoxseqError(f"roi_zyx {cfg.roi_zyx} must be multiples of the patch size {patch}")

@@ -8,6 +8,14 @@ from pathlib import Path
 from typing import Any
 
 
+def loss_summary(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean loss of the first and the last tenth of the steps (single steps are too noisy to compare)."""
+    head, tail = rows[: max(1, len(rows) // 10)], rows[-max(1, len(rows) // 10):]
+    first = sum(r["loss"] for r in head) / len(head)
+    last = sum(r["loss"] for r in tail) / len(tail)
+    return {"steps": rows[-1]["step"] + 1, "loss_start": first, "loss_end": last, "loss_drop": 1 - last / first}
+
+
 class MetricsLogger:
     """Appends one JSON object per logged step to ``RUN_DIR/metrics.jsonl`` (flushed each line).
 
