@@ -30,6 +30,9 @@ from voxseq.train.checkpoint import load_checkpoint, load_state_dict_checked
 from voxseq.train.loop import RunContext, StepInfo, TrainConfig, fit
 
 
+CROP_SAMPLING = ("foreground", "class_balanced")
+
+
 @dataclass
 class SegConfig:
     name: str = "seg"
@@ -39,6 +42,9 @@ class SegConfig:
     use_init_preprocess: bool = True  # with --init: train on the checkpoint's preprocessing
     roi_zyx: list[int] = field(default_factory=lambda: [96, 96, 96])
     pos_fraction: float = 0.5  # crops centred on a labelled voxel
+    # how that voxel is drawn: "foreground" (any labelled voxel: large organs dominate) or "class_balanced"
+    # (a class present in the volume first, uniformly, then one of its voxels: small organs get crops too)
+    crop_sampling: str = "foreground"
     label_ratio: float = 1.0  # fraction of the training cases used (fixed-seed subset)
     freeze_encoder: bool = False  # train the decoder only, on the encoder's features as they are
     batch_size: int = 2
@@ -62,6 +68,8 @@ class SegConfig:
     distributed: str = "ddp"  # ddp | fsdp2 (under torchrun)
 
     def __post_init__(self) -> None:
+        if self.crop_sampling not in CROP_SAMPLING:
+            raise VoxseqError(f"crop_sampling must be one of {CROP_SAMPLING}, not {self.crop_sampling!r}")
         top = max(self.data.label_map.values(), default=0)
         if top >= self.unetr.out_channels:
             raise VoxseqError(f"data.label_map maps labels to {top}, but unetr.out_channels is {self.unetr.out_channels} "
@@ -72,12 +80,32 @@ def load_seg_config(path, overrides=None) -> SegConfig:
     return load_config(SegConfig, path, overrides)
 
 
-def sample_crop(cache, i: int, roi, rng, pos_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """(C, *roi) image and (*roi) label crop, centred on a random labelled voxel with ``pos_fraction``."""
+def _class_voxels(lab: np.ndarray, rng) -> dict[int, np.ndarray]:
+    """Up to 256 voxels (z, y, x) of each foreground class of a label volume."""
+    lab = np.asarray(lab)
+    out = {}
+    for c in np.unique(lab):
+        if c > 0:
+            nz = np.argwhere(lab == c)
+            out[int(c)] = nz[rng.choice(len(nz), size=min(256, len(nz)), replace=False)]
+    return out
+
+
+def sample_crop(cache, i: int, roi, rng, pos_fraction: float,
+                sampling: str = "foreground") -> tuple[np.ndarray, np.ndarray]:
+    """(C, *roi) image and (*roi) label crop, centred on a random labelled voxel with ``pos_fraction``
+    (any labelled voxel, or with ``sampling="class_balanced"`` one of a class drawn uniformly first)."""
     img, lab = cache.image(i), cache.label(i)
     shape = img.shape[1:]
     if rng.random() < pos_fraction:
-        fg = cache.entry(i).get("fg_sample")
+        if sampling == "class_balanced":
+            per_class = cache.entry(i).get("fg_classes")
+            if per_class is None:  # found once per volume
+                per_class = cache.entry(i)["fg_classes"] = _class_voxels(lab, rng)
+            classes = sorted(per_class)
+            fg = per_class[classes[int(rng.integers(len(classes)))]] if classes else np.empty((0, 3), int)
+        else:
+            fg = cache.entry(i).get("fg_sample")
         if fg is None:  # a few hundred foreground voxels, found once per volume
             nz = np.argwhere(np.asarray(lab) > 0)
             fg = nz[rng.choice(len(nz), size=min(256, len(nz)), replace=False)] if len(nz) else np.empty((0, 3), int)
@@ -198,8 +226,8 @@ class SegTask(FinetuneTask):
 
     def batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
         cfg, train, rng = self.cfg, self.train, self.rng
-        crops = [sample_crop(self.cache, train[int(rng.integers(len(train)))], cfg.roi_zyx, rng, cfg.pos_fraction)
-                 for _ in range(cfg.batch_size)]
+        crops = [sample_crop(self.cache, train[int(rng.integers(len(train)))], cfg.roi_zyx, rng, cfg.pos_fraction,
+                             cfg.crop_sampling) for _ in range(cfg.batch_size)]
         x = torch.from_numpy(np.stack([c[0] for c in crops]))  # (B, C, D, H, W)
         y = torch.from_numpy(np.stack([c[1] for c in crops]))[:, None]  # (B, 1, D, H, W)
         return x.to(self.ctx.device), y.to(self.ctx.device)
@@ -223,14 +251,20 @@ class SegTask(FinetuneTask):
 
     def state_dict(self) -> dict[str, Any]:
         """The crop generator and the foreground voxels drawn so far (drawn from it, once per volume)."""
-        fg = {str(i): torch.from_numpy(np.asarray(self.cache.entry(i)["fg_sample"], dtype=np.int64))
-              for i in range(len(self.cache)) if "fg_sample" in self.cache.entry(i)}
-        return {**super().state_dict(), "fg_sample": fg}
+        entries = [self.cache.entry(i) for i in range(len(self.cache))]
+        fg = {str(i): torch.from_numpy(np.asarray(e["fg_sample"], dtype=np.int64))
+              for i, e in enumerate(entries) if "fg_sample" in e}
+        by_class = {f"{i}:{c}": torch.from_numpy(np.asarray(v, dtype=np.int64))
+                    for i, e in enumerate(entries) for c, v in e.get("fg_classes", {}).items()}
+        return {**super().state_dict(), "fg_sample": fg, **({"fg_classes": by_class} if by_class else {})}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         for i, fg in state.get("fg_sample", {}).items():
             self.cache.entry(int(i))["fg_sample"] = fg.numpy()
+        for key, v in state.get("fg_classes", {}).items():
+            i, c = (int(x) for x in key.split(":"))
+            self.cache.entry(i).setdefault("fg_classes", {})[c] = v.numpy()
 
 
 def run_finetune_seg(cfg: SegConfig, out: str | Path, init: str | None = None, progress: bool = True,
