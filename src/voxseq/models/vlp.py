@@ -233,6 +233,12 @@ class SigVLP(nn.Module):
         return self.encode_chunks(tokens, pos, segment, n), self.encode_text(input_ids, attention_mask)
 
 
+def tokenize(tokenizer, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` (M, T) of ``texts``, padded to the longest, cut at ``max_length``."""
+    enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
 def vlp_meta(cfg: VLPModelConfig) -> dict[str, Any]:
     """What a checkpoint records to rebuild the model: the vision config (for ``embed``/``finetune``)
     and the whole SigVLP config."""
@@ -242,4 +248,4 @@ def vlp_meta(cfg: VLPModelConfig) -> dict[str, Any]:
 
 
 __all__ = ["SegmentPool", "SigVLP", "TextTower", "VLPModelConfig",
-           "default_text_model", "load_tokenizer", "segments_of", "vlp_meta"]
+           "default_text_model", "load_tokenizer", "segments_of", "tokenize", "vlp_meta"]

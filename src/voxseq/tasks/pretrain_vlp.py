@@ -22,7 +22,7 @@ from voxseq.config import load_config, require_at_least, to_dict
 from voxseq.data.preprocess import Preprocess
 from voxseq.models.hub import load_model, model_class_name
 from voxseq.models.vit3d import count_params
-from voxseq.models.vlp import SigVLP, VLPModelConfig, load_tokenizer, vlp_meta
+from voxseq.models.vlp import SigVLP, VLPModelConfig, load_tokenizer, tokenize, vlp_meta
 from voxseq.objectives.siglip import SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE, SigLipLoss, key_tensor
 from voxseq.sequence.chunks import ChunkBatchSampler, ChunkConfig, ChunkTextDataset, collate_packed, padding_waste
 from voxseq.tasks.data import DataConfig, training_cache
@@ -79,11 +79,6 @@ class VLPPretrainConfig:
 
 def load_vlp_config(path: str | Path | None, overrides: list[str] | None = None) -> VLPPretrainConfig:
     return load_config(VLPPretrainConfig, path, overrides)
-
-
-def tokenize(tokenizer, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
-    enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
 class VLPPretrainTask(TrainTask):
