@@ -23,8 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from voxseq import VoxseqError
-from voxseq.models.vit3d import ViT3D, ViTConfig
-from voxseq.sequence.chunks import packed_attention_mask, segment_mean
+from voxseq.models.vit3d import ViT3D, ViTConfig, packed_attention_mask
 
 
 def _rope_vit() -> ViTConfig:
@@ -121,6 +120,17 @@ def segments_of(token_mask: torch.Tensor) -> torch.Tensor:
     b, n = token_mask.shape
     seg = torch.arange(b, device=token_mask.device)[:, None].expand(b, n)
     return torch.where(token_mask.bool(), seg, torch.full_like(seg, -1))
+
+
+def segment_mean(features: torch.Tensor, segment: torch.Tensor, n: int) -> torch.Tensor:
+    """(R, L, E) token features -> (n, E) mean over each chunk's tokens (padding left out), in float32 sums."""
+    e = features.shape[-1]
+    flat, seg = features.reshape(-1, e), segment.reshape(-1)
+    keep = seg >= 0
+    seg, flat = seg[keep], flat[keep].float()
+    sums = torch.zeros(n, e, device=features.device).index_add_(0, seg, flat)
+    counts = torch.bincount(seg, minlength=n).clamp_min(1).to(sums.dtype)
+    return (sums / counts[:, None]).to(features.dtype)
 
 
 class SegmentPool(nn.Module):
@@ -248,4 +258,4 @@ def vlp_meta(cfg: VLPModelConfig) -> dict[str, Any]:
 
 
 __all__ = ["SegmentPool", "SigVLP", "TextTower", "VLPModelConfig",
-           "default_text_model", "load_tokenizer", "segments_of", "tokenize", "vlp_meta"]
+           "default_text_model", "load_tokenizer", "segment_mean", "segments_of", "tokenize", "vlp_meta"]
