@@ -49,6 +49,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from voxseq import VoxseqError
+from voxseq.files import atomic_write
 
 MAX_CHANNELS = 16
 MAX_VOLUME_BYTES = 4 << 30  # voxel bytes a header may claim (VOXSEQ_MAX_VOLUME_BYTES overrides)
@@ -716,7 +717,5 @@ def write_volume(volume: Volume | np.ndarray, path: str | os.PathLike, *, like: 
     else:
         img = geom.to_source(array) if in_source_grid else geom.to_sitk(array)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    sitk.WriteImage(img, str(tmp), useCompression=path.name.lower().endswith((".gz", ".nrrd", ".mha")))
-    os.replace(tmp, path)
-    return path
+    compress = path.name.lower().endswith((".gz", ".nrrd", ".mha"))
+    return atomic_write(path, lambda tmp: sitk.WriteImage(img, str(tmp), useCompression=compress))

@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from voxseq.files import atomic_write_text
+
 
 class MetricsLogger:
     """Appends one JSON object per logged step to ``RUN_DIR/metrics.jsonl`` (flushed each line).
@@ -25,9 +27,7 @@ class MetricsLogger:
             self.path.write_text("")
         elif self.path.exists():
             rows = [r for r in read_metrics(self.path.parent) if r.get("step", -1) <= resume_step]
-            tmp = self.path.with_name(".tmp-metrics.jsonl")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-            os.replace(tmp, self.path)
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows))
         self._f = open(self.path, "a")
 
     def log(self, row: dict[str, Any]) -> None:
