@@ -284,4 +284,8 @@ def plot_roc(truth: np.ndarray, scores: np.ndarray, names: list[str], path: Path
     return save_figure(fig, path)
 
 
-__all__ = ["ORGAN_TEMPLATE", "PREDICTIONS_CSV", "PROMPT_TEMPLATE", "RULE_WORDS", "TRUTH_COLUMN", "abnormality_scores", "embed_items", "embed_prompts", "embed_texts", "embed_volume", "finding_classification", "load_prompts", "organ_classification", "pair_temperature", "parse_operating_point", "plot_roc", "prompt_organs", "prompt_texts", "shared_binary_labels", "write_predictions", "zero_shot_markdown"]
+__all__ = ["ORGAN_TEMPLATE", "PREDICTIONS_CSV", "PROMPT_TEMPLATE", "RULE_WORDS", "TRUTH_COLUMN",
+           "abnormality_scores", "embed_items", "embed_prompts", "embed_texts", "embed_volume",
+           "finding_classification", "load_prompts", "organ_classification", "pair_temperature",
+           "parse_operating_point", "plot_roc", "prompt_organs", "prompt_texts", "shared_binary_labels",
+           "write_predictions", "zero_shot_markdown"]

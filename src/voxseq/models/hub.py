@@ -249,5 +249,6 @@ def load_encoder(path: str | os.PathLike) -> tuple[ViT3D, Preprocess, dict[str, 
 
 
 __all__ = ["MODEL_CLASSES", "MODEL_KINDS", "NOT_ENCODER", "OFFICIAL_FORMAT", "ModelClass", "class_of", "create_model",
-           "encoder_config", "encoder_from", "encoder_from_checkpoint", "load_encoder_weights", "list_models", "load_checkpoint", "load_encoder", "load_model",
-           "load_official_checkpoint", "model_class_name", "preprocess_of", "register_model_class"]
+           "encoder_config", "encoder_from", "encoder_from_checkpoint", "list_models", "load_checkpoint", "load_encoder",
+           "load_encoder_weights", "load_model", "load_official_checkpoint", "model_class_name", "preprocess_of",
+           "register_model_class"]

@@ -20,7 +20,8 @@ from voxseq import VoxseqError
 from voxseq.data.preprocess import Preprocess
 from voxseq.io.volume import Volume, read_volume
 from voxseq.models.features import Layer, token_features
-from voxseq.models.hub import NOT_ENCODER, create_model, encoder_from_checkpoint, load_encoder  # noqa: F401 - loading lives in the hub
+# loading lives in the hub; these names stay importable from here
+from voxseq.models.hub import NOT_ENCODER, create_model, encoder_from_checkpoint, load_encoder  # noqa: F401
 from voxseq.models.vit3d import ViT3D
 
 

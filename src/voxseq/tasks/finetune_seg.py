@@ -21,7 +21,12 @@ from voxseq import VoxseqError
 from voxseq.config import from_dict, load_config, to_dict
 from voxseq.data.adapters import label_subset, split_ids
 from voxseq.data.preprocess import Preprocess, to_source_grid
-from voxseq.eval.segmentation import dice_per_class, evaluate_segmentation, sliding_predict, write_segmentation_report  # noqa: F401 - dice_per_class re-exported
+from voxseq.eval.segmentation import (  # noqa: F401 - dice_per_class is importable from here as before
+    dice_per_class,
+    evaluate_segmentation,
+    sliding_predict,
+    write_segmentation_report,
+)
 from voxseq.models.hub import (encoder_config, load_checkpoint, load_encoder_weights, load_model, model_class_name,
                                preprocess_of)
 from voxseq.models.unetr import UNETR3D, UNETRConfig
@@ -156,7 +161,8 @@ class SegTask(FinetuneTask):
         self.val = [i for i in labelled if splits[i] in cfg.eval_splits]
         self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
         self._meta = {"task": "finetune-seg", "config": to_dict(cfg), "model": to_dict(cfg.model),
-                      "unetr": to_dict(cfg.unetr), "preprocess": to_dict(cfg.data.preprocess), "model_class": model_class_name(UNETR3D),
+                      "unetr": to_dict(cfg.unetr), "preprocess": to_dict(cfg.data.preprocess),
+                      "model_class": model_class_name(UNETR3D),
                       "init": str(self.init) if self.init and self.load_weights else None,
                       "train_ids": [cache.entry(i)["id"] for i in self.train],
                       "val_ids": [cache.entry(i)["id"] for i in self.val]}
