@@ -139,7 +139,8 @@ def part_vlp_vit_l(quick: bool) -> dict:
     import bench_vlp  # the phantom chunk mix and the padded layout of the CPU benchmark
 
     from voxseq.models.vit3d import ViT3D, key_padding_mask, vit_config
-    from voxseq.sequence.chunks import collate_packed, packed_attention_mask, padding_waste
+    from voxseq.models.vit3d import packed_attention_mask
+    from voxseq.sequence.chunks import collate_packed, padding_waste
 
     n_chunks, depth, steps = (8, 4, 2) if quick else (32, 24, 5)
     dev = torch.device("cuda")

@@ -92,7 +92,8 @@ def time_round_robin(steps: dict[str, Callable[[], None]], repeats: int, warmup_
 
 def bench_packing(items: list[dict], depth: int, repeats: int) -> dict:
     from voxseq.models.vit3d import ViT3D, key_padding_mask, vit_config
-    from voxseq.sequence.chunks import collate_packed, packed_attention_mask, padding_waste
+    from voxseq.models.vit3d import packed_attention_mask
+    from voxseq.sequence.chunks import collate_packed, padding_waste
 
     torch.manual_seed(0)
     model = ViT3D(vit_config("tiny", patch_size=PATCH, pos_embed="rope3d", depth=depth))

@@ -179,12 +179,8 @@ def dump_yaml(data: dict[str, Any] | Any) -> str:
 
 def save_yaml(data: dict[str, Any] | Any, path: str | os.PathLike) -> Path:
     """Write YAML atomically (temp file, fsync, rename)."""
+    from voxseq.files import atomic_write_text
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    with open(tmp, "w") as f:
-        f.write(dump_yaml(data))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, dump_yaml(data))

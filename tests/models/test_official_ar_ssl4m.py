@@ -19,7 +19,7 @@ from voxseq.models import ARViT3D, ViT3D, ViTConfig
 from voxseq.models.official import convert_ar_ssl4m, official_prefix
 from voxseq.models.vit3d import sincos3_embed
 from voxseq.tasks.encoders import encoder_from_checkpoint
-from voxseq.train.checkpoint import load_checkpoint
+from voxseq.models.hub import load_checkpoint
 
 E, DEPTH, HIDDEN, P, HEADS = 192, 2, 384, 4, 3  # 64-wide heads, as the release's 768 = 12 x 64
 

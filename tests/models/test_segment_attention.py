@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from voxseq.models.vit3d import ViT3D, segment_plan, vit_config
-from voxseq.sequence.chunks import collate_packed, packed_attention_mask
+from voxseq.models.vit3d import packed_attention_mask
+from voxseq.sequence.chunks import collate_packed
 
 
 def _items(lengths, dim=8 ** 3, seed=0):

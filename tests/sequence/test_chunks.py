@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from voxseq import VoxseqError
+from voxseq.models.vit3d import packed_attention_mask
+from voxseq.models.vlp import segment_mean
 from voxseq.sequence import (
     ArraySource,
     ChunkBatchSampler,
@@ -21,9 +23,7 @@ from voxseq.sequence import (
     lesion_in_window,
     organs_in_chunk,
     pack_lengths,
-    packed_attention_mask,
     padding_waste,
-    segment_mean,
     sentence_key,
     sentence_labels,
     volume_chunks,

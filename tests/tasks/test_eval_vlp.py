@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from voxseq import VoxseqError
-from voxseq.tasks import eval_vlp
+from voxseq.eval import zero_shot as eval_vlp
 
 
 def test_prompt_files_take_pairs_organs_and_mappings(tmp_path):

@@ -34,6 +34,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -112,6 +113,52 @@ def _require_columns(rows: list[dict], path: Path, columns: Iterable[str]) -> No
 # ---------------------------------------------------------------------------- MSD
 
 
+# ---------------------------------------------------------------------------- dataset layouts (a registry)
+
+
+@dataclass(frozen=True)
+class DatasetLayout:
+    build: Callable[..., list[Record]]  # (root, **options) -> records
+    detect: Callable[[Path], bool] | None  # is this file or folder in this layout? (None: only by name)
+    order: int  # detectors run from the lowest order up; the first that says yes names the layout
+
+
+DATASET_LAYOUTS: dict[str, DatasetLayout] = {}
+
+
+def register_dataset(name: str, detect: Callable[[Path], bool] | None = None, order: int = 100):
+    """Register ``build(root, **options) -> list[Record]`` as the dataset layout ``name`` (``--adapter``), with
+    the ``detect`` rule that :func:`detect_dataset` tries in ``order``."""
+    def register(build: Callable[..., list[Record]]) -> Callable[..., list[Record]]:
+        DATASET_LAYOUTS[name] = DatasetLayout(build, detect, order)
+        return build
+    return register
+
+
+def _is_dir_with(*names: str) -> Callable[[Path], bool]:
+    return lambda root: root.is_dir() and any((root / n).is_file() for n in names)
+
+
+def _ctrate_layout(root: Path) -> bool:
+    return root.is_dir() and (root / "dataset").is_dir() and any((root / "dataset" / s).is_dir() for s in ("train", "valid"))
+
+
+def _brats_layout(root: Path) -> bool:
+    cases = [p for p in root.iterdir() if p.is_dir()] if root.is_dir() else []
+    return bool(cases) and all(any(f.name.startswith(c.name) and re.search(r"[-_](t1n|t1c|t1ce|flair)\.nii\.gz$", f.name)
+                                   for f in c.iterdir()) for c in cases[:3])
+
+
+def _nodulemnist3d_layout(root: Path) -> bool:
+    if root.is_file():
+        return root.name.lower().startswith("nodulemnist3d") and root.suffix.lower() == ".npz"
+    return root.is_dir() and any(root.glob("nodulemnist3d*.npz"))
+
+
+# ---------------------------------------------------------------------------- adapters
+
+
+@register_dataset("msd", _is_dir_with("dataset.json"), order=10)
 def msd(root: str | Path, seed: int = 0, include_test: bool = False, check_files: bool = True) -> list[Record]:
     """Medical Segmentation Decathlon task folder: labelled cases split 7:1:2 with a fixed seed;
     ``include_test`` adds the unlabelled ``imagesTs`` cases with split ``test`` and no label."""
@@ -144,6 +191,7 @@ def msd(root: str | Path, seed: int = 0, include_test: bool = False, check_files
 # ---------------------------------------------------------------------------- BraTS
 
 
+@register_dataset("brats", _brats_layout, order=80)
 def brats(root: str | Path, seed: int = 0, check_files: bool = True) -> list[Record]:
     """BraTS-style case folders; channels in the order t1n, t1c, t2w, t2f (2021 names mapped)."""
     root = Path(root)
@@ -186,6 +234,7 @@ def _floats(text: str) -> list[float]:
     return [float(x) for x in re.split(r"[,\s]+", text.strip()) if x]
 
 
+@register_dataset("deeplesion", _is_dir_with("DL_info.csv"), order=20)
 def deeplesion(root: str | Path, check_files: bool = True) -> list[Record]:
     """One record per CT series with all its lesions as boxes in the series' voxel grid.
 
@@ -260,6 +309,7 @@ def _csvs_under(root: Path, *words: str) -> list[Path]:
     return sorted(p for p in root.rglob("*.csv") if any(w in str(p.relative_to(root)).lower() for w in words))
 
 
+@register_dataset("ctrate", _ctrate_layout, order=31)
 def ctrate(root: str | Path, reports: list[str | Path] | None = None, labels: list[str | Path] | None = None) -> list[Record]:
     """CT-RATE: volumes with their report text and 18 abnormality labels (when the CSVs are present:
     ``*reports*.csv`` and ``multi_abnormality_labels/*.csv`` anywhere under ``root``, or given)."""
@@ -281,6 +331,8 @@ def ctrate(root: str | Path, reports: list[str | Path] | None = None, labels: li
                    classes=classes.get(name, {}), split=split) for name, (path, split) in volumes.items()]
 
 
+@register_dataset("radgenome", lambda root: _ctrate_layout(root) and _find_csv(root, ("*region*report*.csv",)) is not None,
+                  order=30)
 def radgenome(root: str | Path, region_reports: str | Path | None = None, masks: str | Path | None = None) -> list[Record]:
     """RadGenome-ChestCT on CT-RATE volumes: organ/region-wise sentences and region masks."""
     root = Path(root)
@@ -354,6 +406,7 @@ def _la_splits(root: Path, ids: list[str], seed: int) -> dict[str, str]:
     return out
 
 
+@register_dataset("la", lambda root: root.is_dir() and bool(_la_files(root)), order=70)
 def la(root: str | Path, seed: int = 0, check_files: bool = True) -> list[Record]:
     """2018 Left Atrium segmentation challenge in the HDF5 form the semi-supervised works distribute.
 
@@ -433,6 +486,7 @@ def _ricord_split(row: dict, column: str | None, where: str) -> str:
     return _SPLIT_NAMES.get(value, "")
 
 
+@register_dataset("ricord", lambda root: root.is_dir() and _is_ricord(root), order=60)
 def ricord(root: str | Path, labels: str | Path | None = None, seed: int = 0, check_files: bool = True) -> list[Record]:
     """RICORD COVID-19 CT classification: NIfTI files or DICOM folders under ``root`` + a labels CSV
     (``labels``, else a top-level CSV). An id/file column (:data:`RICORD_ID_COLUMNS`) names each volume
@@ -503,6 +557,7 @@ def _medmnist_file(root: Path, name: str) -> Path:
     return hits[0]
 
 
+@register_dataset("nodulemnist3d", _nodulemnist3d_layout, order=50)
 def nodulemnist3d(root: str | Path) -> list[Record]:
     """NoduleMNIST3D: one record per sample of ``nodulemnist3d.npz``, read in place as
     ``<file>::<split>_images[<i>]`` ((Z, Y, X) like every numpy volume; 28^3 at 1 mm, upsampled to the
@@ -537,6 +592,7 @@ def _is_volume(p: Path) -> bool:
     return p.is_file() and p.name.lower().endswith(VOLUME_SUFFIXES)
 
 
+@register_dataset("folder")  # what detect_dataset falls back to for a folder
 def folder(root: str | Path, seed: int = 0, recursive: bool = True) -> list[Record]:
     """Any folder of volumes (and DICOM series subfolders); labels paired by common naming conventions."""
     root = Path(root)
@@ -583,6 +639,7 @@ def folder(root: str | Path, seed: int = 0, recursive: bool = True) -> list[Reco
     return records
 
 
+@register_dataset("csv", lambda root: root.is_file() and root.suffix.lower() == ".csv", order=0)
 def csv_table(path: str | Path, seed: int = 0) -> list[Record]:
     """A CSV with ``id`` and ``image`` (or ``image_<modality>``) columns; see the module table."""
     path = Path(path)
@@ -618,10 +675,7 @@ def csv_table(path: str | Path, seed: int = 0) -> list[Record]:
     return records
 
 
-ADAPTERS: dict[str, Callable[..., list[Record]]] = {
-    "msd": msd, "brats": brats, "deeplesion": deeplesion, "ctrate": ctrate, "radgenome": radgenome,
-    "la": la, "ricord": ricord, "nodulemnist3d": nodulemnist3d, "folder": folder, "csv": csv_table,
-}
+ADAPTERS: dict[str, Callable[..., list[Record]]] = {name: layout.build for name, layout in DATASET_LAYOUTS.items()}
 
 
 def _is_ricord(root: Path) -> bool:
@@ -635,36 +689,19 @@ def _is_ricord(root: Path) -> bool:
 
 
 def detect_dataset(root: str | Path) -> str:
-    """Guess the adapter from the layout."""
+    """Guess the adapter from the layout: the registered detectors in their order, else ``folder``."""
     root = Path(root)
-    if root.is_file():
-        if root.suffix.lower() == ".csv":
-            return "csv"
-        if root.name.lower().startswith("nodulemnist3d") and root.suffix.lower() == ".npz":
-            return "nodulemnist3d"
-        raise VoxseqError(f"{root}: a file that is neither a manifest (.jsonl), a CSV nor nodulemnist3d.npz")
-    if not root.is_dir():
+    if not root.is_file() and not root.is_dir():
         raise VoxseqError(f"{root}: no such file or directory")
-    if (root / "dataset.json").is_file():
-        return "msd"
-    if (root / "DL_info.csv").is_file():
-        return "deeplesion"
-    if (root / "dataset").is_dir() and any((root / "dataset" / s).is_dir() for s in ("train", "valid")):
-        return "radgenome" if _find_csv(root, ("*region*report*.csv",)) else "ctrate"
-    if any(root.glob("nodulemnist3d*.npz")):
-        return "nodulemnist3d"
-    if _is_ricord(root):
-        return "ricord"
-    if _la_files(root):
-        return "la"
-    cases = [p for p in root.iterdir() if p.is_dir()]
-    if cases and all(any(f.name.startswith(c.name) and re.search(r"[-_](t1n|t1c|t1ce|flair)\.nii\.gz$", f.name)
-                         for f in c.iterdir()) for c in cases[:3]):
-        return "brats"
+    for name, layout in sorted(DATASET_LAYOUTS.items(), key=lambda item: item[1].order):
+        if layout.detect is not None and layout.detect(root):
+            return name
+    if root.is_file():
+        raise VoxseqError(f"{root}: a file that is neither a manifest (.jsonl), a CSV nor nodulemnist3d.npz")
     return "folder"
 
 
 def build_manifest(kind: str, root: str | Path, **options) -> list[Record]:
-    if kind not in ADAPTERS:
-        raise VoxseqError(f"unknown dataset adapter {kind!r} (known: {', '.join(ADAPTERS)})")
-    return ADAPTERS[kind](root, **options)
+    if kind not in DATASET_LAYOUTS:
+        raise VoxseqError(f"unknown dataset adapter {kind!r} (known: {', '.join(DATASET_LAYOUTS)})")
+    return DATASET_LAYOUTS[kind].build(root, **options)

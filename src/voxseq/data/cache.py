@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -60,6 +59,7 @@ import numpy as np
 
 from voxseq import VoxseqError
 from voxseq.config import from_dict, load_yaml, save_yaml, to_dict
+from voxseq.files import atomic_write, sha256_file
 from voxseq.data.manifest import Box, Record
 from voxseq.data.preprocess import Preprocess, check_same_grid, preprocess
 from voxseq.io.volume import Volume, VolumeReadError, read_volume
@@ -81,48 +81,31 @@ class DiskFull(VoxseqError):
 
 
 @contextlib.contextmanager
-def _written_or_removed(tmp: Path, path: Path, what: str = "") -> Iterator[None]:
-    """Remove the temporary file of a write that fails; a full disk becomes one :class:`DiskFull` line."""
+def _disk_full_is_one_line(path: Path, what: str = "") -> Iterator[None]:
+    """A write that ran out of space becomes one :class:`DiskFull` line (the atomic write leaves nothing behind)."""
     try:
         yield
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS:
+    except OSError as e:
+        if e.errno in DISK_FULL_ERRNOS:
             raise DiskFull(f"{path}: {DISK_FULL} while writing it{what} ({e.strerror or e}); "
                            "free space and run the command again to resume") from None
         raise
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    with _written_or_removed(tmp, path):
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+    with _disk_full_is_one_line(path):
+        atomic_write(path, lambda p: p.write_bytes(data))
 
 
 def atomic_save_npy(path: Path, array: np.ndarray) -> str:
     """Save an array as .npy under a temporary name, fsync, rename; returns its sha256."""
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    with _written_or_removed(tmp, path):
+    def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             np.save(f, np.ascontiguousarray(array), allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        digest = sha256_file(tmp)
-        os.replace(tmp, path)
-    return digest
 
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+    with _disk_full_is_one_line(path):
+        atomic_write(path, write)
+    return sha256_file(path)
 
 
 def safe_id(record_id: str) -> str:

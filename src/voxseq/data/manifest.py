@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from voxseq import VoxseqError
+from voxseq.files import atomic_write
 
 SPLITS = ("train", "val", "test")
 
@@ -88,16 +89,17 @@ def write_manifest(records: Iterable[Record], path: str | os.PathLike) -> Path:
     """Write records as JSON Lines, atomically; ids must be unique."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     seen: set[str] = set()
-    with open(tmp, "w") as f:
-        for r in records:
-            if r.id in seen:
-                raise VoxseqError(f"{path}: duplicate record id {r.id!r}")
-            seen.add(r.id)
-            f.write(r.to_json() + "\n")
-    os.replace(tmp, path)
-    return path
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w") as f:
+            for r in records:
+                if r.id in seen:
+                    raise VoxseqError(f"{path}: duplicate record id {r.id!r}")
+                seen.add(r.id)
+                f.write(r.to_json() + "\n")
+
+    return atomic_write(path, write)
 
 
 def iter_manifest(path: str | os.PathLike, resolve: bool = True) -> Iterator[Record]:

@@ -44,21 +44,19 @@ import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
 from voxseq import VoxseqError
+from voxseq.files import atomic_write
 
 MAX_CHANNELS = 16
 MAX_VOLUME_BYTES = 4 << 30  # voxel bytes a header may claim (VOXSEQ_MAX_VOLUME_BYTES overrides)
 MAX_COMPRESSION_RATIO = 1100  # claimed voxel bytes per file byte of a single-file volume (deflate: <= ~1032)
 CANONICAL_ORIENTATION = "LPS"
-ITK_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
-NUMPY_SUFFIXES = (".npy", ".npz")
+ITK_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")  # what write_volume writes
 HDF5_SUFFIXES = (".h5", ".hdf5")
-CONTAINER_SUFFIXES = (".npz",) + HDF5_SUFFIXES  # files whose arrays `<file>::<member>[<index>]` addresses
-VOLUME_SUFFIXES = ITK_SUFFIXES + NUMPY_SUFFIXES + HDF5_SUFFIXES
 # How the NaN/Inf error says to replace them; the command line names its own flag in its place.
 NONFINITE_ADVICE = "nonfinite='zero'"
 _MEMBER = re.compile(r"^(?P<key>[^\[\]]+?)(?:\[(?P<index>-?\d+)\])?$")
@@ -141,7 +139,7 @@ def orientation_code(direction: Sequence[float]) -> str:
 
 def _path_suffix(path: Path) -> str:
     name = path.name.lower()
-    for suffix in VOLUME_SUFFIXES:
+    for suffix in sorted(VOLUME_FORMATS, key=len, reverse=True):  # .nii.gz before .gz
         if name.endswith(suffix):
             return suffix
     return path.suffix.lower()
@@ -447,7 +445,7 @@ def parse_volume_path(path: str | os.PathLike) -> tuple[Path, str | None, int | 
     """
     text = os.fspath(path)
     head, sep, member = text.rpartition("::")
-    if not sep or not head.lower().endswith(CONTAINER_SUFFIXES):
+    if not sep or not head.lower().endswith(tuple(s for s, f in VOLUME_FORMATS.items() if f.container)):
         return Path(text), None, None
     m = _MEMBER.match(member)
     if m is None:
@@ -648,6 +646,56 @@ def _check_finite(volume: Volume, path: str | Path, nonfinite: str) -> None:
     volume.meta["nonfinite_replaced"] = n
 
 
+# ---------------------------------------------------------------------------- volume formats (a registry)
+
+
+@dataclass(frozen=True)
+class VolumeFormat:
+    name: str
+    read: Callable[..., Volume]  # (path, format name, spacing, member, index) -> Volume
+    container: bool = False  # its arrays are addressed as `<file>::<member>[<index>]`
+    listed: bool = True  # in VOLUME_SUFFIXES (files that folder scans and manifests take for volumes)
+
+
+VOLUME_FORMATS: dict[str, VolumeFormat] = {}  # file suffix -> format
+
+
+def register_volume_format(name: str, *suffixes: str, container: bool = False, listed: bool = True):
+    """Register ``read(path, name, spacing, member, index) -> Volume`` for files ending with ``suffixes``."""
+    def register(read: Callable[..., Volume]) -> Callable[..., Volume]:
+        for suffix in suffixes:
+            VOLUME_FORMATS[suffix] = VolumeFormat(name, read, container, listed)
+        return read
+    return register
+
+
+@register_volume_format("gzip", ".gz", listed=False)  # a .gz that is not .nii.gz: ITK names what is wrong
+@register_volume_format("MetaImage", ".mha", ".mhd")
+@register_volume_format("NRRD", ".nrrd", ".nhdr")
+@register_volume_format("NIfTI", ".nii", ".nii.gz")
+def _itk_file(path: Path, name: str, spacing, member, index) -> Volume:
+    return _read_itk(path, name)
+
+
+@register_volume_format("NumPy", ".npz", container=True)
+@register_volume_format("NumPy", ".npy")
+def _numpy_file(path: Path, name: str, spacing, member, index) -> Volume:
+    return _read_numpy(path, spacing, member, index)
+
+
+@register_volume_format("HDF5", *HDF5_SUFFIXES, container=True)
+def _hdf5_file(path: Path, name: str, spacing, member, index) -> Volume:
+    return _read_hdf5(path, spacing, member, index)
+
+
+@register_volume_format("DICOM", ".dcm", listed=False)  # one slice stands for its folder's series
+def _dicom_file(path: Path, name: str, spacing, member, index) -> Volume:
+    return _read_dicom_series(path.parent)
+
+
+VOLUME_SUFFIXES = tuple(s for s, f in VOLUME_FORMATS.items() if f.listed)
+
+
 def read_volume(path: str | os.PathLike, *, spacing: Sequence[float] | None = None,
                 series_uid: str | None = None, nonfinite: str = "error") -> Volume:
     """Read a 3D volume in canonical (Z, Y, X), LPS form.
@@ -671,20 +719,11 @@ def read_volume(path: str | os.PathLike, *, spacing: Sequence[float] | None = No
         volume = read_png_series(path, spacing) if is_png_series(path) else _read_dicom_series(path, series_uid)
     else:
         suffix = _path_suffix(path)
-        if suffix in NUMPY_SUFFIXES:
-            volume = _read_numpy(path, spacing, member, index)
-        elif suffix in HDF5_SUFFIXES:
-            volume = _read_hdf5(path, spacing, member, index)
-        elif suffix in ITK_SUFFIXES or suffix in (".dcm", ".gz"):
-            fmt = {".nii": "NIfTI", ".nii.gz": "NIfTI", ".nrrd": "NRRD", ".nhdr": "NRRD", ".mha": "MetaImage",
-                   ".mhd": "MetaImage", ".dcm": "DICOM", ".gz": "gzip"}[suffix]
-            if suffix == ".dcm":
-                volume = _read_dicom_series(path.parent)
-            else:
-                volume = _read_itk(path, fmt)
-        else:
+        fmt = VOLUME_FORMATS.get(suffix)
+        if fmt is None:
             raise VolumeReadError(path, f"unknown volume format '{suffix or path.name}' "
                                         f"(voxseq reads {', '.join(VOLUME_SUFFIXES)} and DICOM folders)")
+        volume = fmt.read(path, fmt.name, spacing, member, index)
     if nonfinite not in ("error", "zero"):
         raise VoxseqError(f"nonfinite must be 'error' or 'zero', not {nonfinite!r}")
     _check_finite(volume, spec, nonfinite)
@@ -716,7 +755,5 @@ def write_volume(volume: Volume | np.ndarray, path: str | os.PathLike, *, like: 
     else:
         img = geom.to_source(array) if in_source_grid else geom.to_sitk(array)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    sitk.WriteImage(img, str(tmp), useCompression=path.name.lower().endswith((".gz", ".nrrd", ".mha")))
-    os.replace(tmp, path)
-    return path
+    compress = path.name.lower().endswith((".gz", ".nrrd", ".mha"))
+    return atomic_write(path, lambda tmp: sitk.WriteImage(img, str(tmp), useCompression=compress))

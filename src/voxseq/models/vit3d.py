@@ -184,6 +184,16 @@ def key_padding_mask(token_mask: torch.Tensor) -> torch.Tensor:
     return token_mask[:, None, None, :].bool()
 
 
+def packed_attention_mask(segment: torch.Tensor) -> torch.Tensor:
+    """(R, L) segment ids -> (R, 1, L, L) bool, True where query and key are tokens of the same chunk.
+
+    A padding query attends to itself only, so no row is all False (SDPA would return NaN for it).
+    """
+    same = (segment[:, :, None] == segment[:, None, :]) & (segment >= 0)[:, :, None]
+    pad_self = torch.eye(segment.shape[1], dtype=torch.bool, device=segment.device) & (segment < 0)[:, :, None]
+    return (same | pad_self)[:, None]
+
+
 def _flex_prefix_attention(q, k, v, prefix_len):  # pragma: no cover - CUDA path
     """flex_attention with a block mask: blocks that are fully masked are skipped, not computed."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -206,7 +216,7 @@ class SegmentPlan:
 
 def segment_plan(segment: torch.Tensor, bucket_ratio: float = 0.75) -> SegmentPlan:
     """Plan attention within each segment of packed rows: ``segment`` (R, L) ids, -1 for padding (ids are
-    compared within a row, as :func:`voxseq.sequence.chunks.packed_attention_mask` does). Segments sorted by
+    compared within a row, as :func:`packed_attention_mask` does). Segments sorted by
     length go into one bucket while they are at least ``bucket_ratio`` of its longest, so padding inside a
     bucket stays small and each bucket is one SDPA call on (n, m) instead of every row's L x L scores."""
     r, length = segment.shape
@@ -534,5 +544,5 @@ def flops_per_token(cfg: ViTConfig, seq_len: int, training: bool = True) -> floa
 
 
 __all__ = ["ARViT3D", "Attention", "Block", "VIT_PRESETS", "ViT3D", "ViTConfig", "apply_rope", "build_ar_model",
-           "count_params", "flops_per_token", "grid_positions", "key_padding_mask", "prefix_causal_mask", "rope_angles",
+           "count_params", "flops_per_token", "grid_positions", "key_padding_mask", "packed_attention_mask", "prefix_causal_mask", "rope_angles",
            "rope_axis_dims", "segment_attention", "segment_plan", "sincos3_embed", "sincos_embed", "vit_config"]

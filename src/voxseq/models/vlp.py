@@ -2,8 +2,9 @@
 
 Read top to bottom: config -> text tower (any local Hugging Face encoder; the default is the offline
 all-MiniLM-L6-v2 package) -> per-chunk attention pooling over packed token rows -> the two-tower model.
-The model returns L2-normalised embeddings and owns the SigLIP temperature and bias (initialised to
-t = log 10, b = -10 as in the SigLIP paper); the loss lives in ``voxseq.objectives.siglip``.
+The model returns L2-normalised embeddings and owns the SigLIP temperature and bias (``init_logit_scale`` /
+``init_logit_bias``: the pretraining task passes the SigLIP paper's t = log 10, b = -10, defined with the
+loss in ``voxseq.objectives.siglip``).
 
 Shapes: packed chunk tokens (R, L, C*p^3) with positions (R, L, 3) = (z, y, x) and ``segment`` (R, L)
 giving each token's chunk index (-1 for padding); n chunks -> image embeddings (n, D); M texts as
@@ -22,11 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from voxseq import VoxseqError
-from voxseq.models.vit3d import ViT3D, ViTConfig
-from voxseq.sequence.chunks import packed_attention_mask, segment_mean
-
-SIGLIP_INIT_LOGIT_SCALE = math.log(10.0)  # the SigLIP paper's init: temperature t' = log 10 ...
-SIGLIP_INIT_LOGIT_BIAS = -10.0  # ... and a bias that starts every pair near "negative", as most pairs are
+from voxseq.models.vit3d import ViT3D, ViTConfig, packed_attention_mask
 
 
 def _rope_vit() -> ViTConfig:
@@ -125,6 +122,17 @@ def segments_of(token_mask: torch.Tensor) -> torch.Tensor:
     return torch.where(token_mask.bool(), seg, torch.full_like(seg, -1))
 
 
+def segment_mean(features: torch.Tensor, segment: torch.Tensor, n: int) -> torch.Tensor:
+    """(R, L, E) token features -> (n, E) mean over each chunk's tokens (padding left out), in float32 sums."""
+    e = features.shape[-1]
+    flat, seg = features.reshape(-1, e), segment.reshape(-1)
+    keep = seg >= 0
+    seg, flat = seg[keep], flat[keep].float()
+    sums = torch.zeros(n, e, device=features.device).index_add_(0, seg, flat)
+    counts = torch.bincount(seg, minlength=n).clamp_min(1).to(sums.dtype)
+    return (sums / counts[:, None]).to(features.dtype)
+
+
 class SegmentPool(nn.Module):
     """One vector per segment of packed token rows: multi-head attention pooling with a learned query
     (a MAP head, as SigLIP's vision tower) or the plain mean.
@@ -168,7 +176,7 @@ class SigVLP(nn.Module):
     The vision weights sit under ``encoder.`` as in every voxseq checkpoint, so ``voxseq embed`` and
     ``finetune seg`` take a SigVLP checkpoint like an AR-SSL4M one."""
 
-    def __init__(self, cfg: VLPModelConfig):
+    def __init__(self, cfg: VLPModelConfig, init_logit_scale: float = 0.0, init_logit_bias: float = 0.0):
         super().__init__()
         self.cfg = cfg
         v = cfg.vision
@@ -177,8 +185,8 @@ class SigVLP(nn.Module):
         self.vision_proj = nn.Linear(v.embed_dim, cfg.embed_dim)
         self.text = TextTower(cfg.text_model, cfg.text_pooling)
         self.text_proj = nn.Linear(self.text.width, cfg.embed_dim)
-        self.logit_scale = nn.Parameter(torch.tensor(SIGLIP_INIT_LOGIT_SCALE))
-        self.logit_bias = nn.Parameter(torch.tensor(SIGLIP_INIT_LOGIT_BIAS))
+        self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
+        self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias)))
         self._text_cache: dict[tuple[int, ...], torch.Tensor] = {}
         self.register_load_state_dict_post_hook(lambda module, _keys: module._text_cache.clear())
         if cfg.freeze_text:
@@ -235,13 +243,19 @@ class SigVLP(nn.Module):
         return self.encode_chunks(tokens, pos, segment, n), self.encode_text(input_ids, attention_mask)
 
 
+def tokenize(tokenizer, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` (M, T) of ``texts``, padded to the longest, cut at ``max_length``."""
+    enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
 def vlp_meta(cfg: VLPModelConfig) -> dict[str, Any]:
     """What a checkpoint records to rebuild the model: the vision config (for ``embed``/``finetune``)
     and the whole SigVLP config."""
     from voxseq.config import to_dict
 
-    return {"model": to_dict(cfg.vision), "vlp_model": to_dict(cfg), "model_class": "SigVLP"}
+    return {"model": to_dict(cfg.vision), "vlp_model": to_dict(cfg)}
 
 
-__all__ = ["SIGLIP_INIT_LOGIT_BIAS", "SIGLIP_INIT_LOGIT_SCALE", "SegmentPool", "SigVLP", "TextTower", "VLPModelConfig",
-           "default_text_model", "load_tokenizer", "segments_of", "vlp_meta"]
+__all__ = ["SegmentPool", "SigVLP", "TextTower", "VLPModelConfig",
+           "default_text_model", "load_tokenizer", "segment_mean", "segments_of", "tokenize", "vlp_meta"]

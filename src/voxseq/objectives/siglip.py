@@ -9,6 +9,7 @@ patients): treating those as negatives would push apart pairs that truly match.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -16,10 +17,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from voxseq.models.vlp import SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE  # noqa: F401 - the model owns t and b
-
 # the sampler keys sentences when it pairs chunks with text; one definition, re-exported for loss users
 from voxseq.sequence.chunks import sentence_key
+
+# The SigLIP paper's init of the temperature and bias the model owns (SigVLP takes them from the task):
+SIGLIP_INIT_LOGIT_SCALE = math.log(10.0)  # t' = log 10 ...
+SIGLIP_INIT_LOGIT_BIAS = -10.0  # ... and a bias that starts every pair near "negative", as most pairs are
 
 PAD_KEY = -1  # sentence keys are 63-bit, hence >= 0: -1 is free for padding
 

@@ -11,9 +11,7 @@ from voxseq.sequence.chunks import (
     lesion_in_window,
     organs_in_chunk,
     pack_lengths,
-    packed_attention_mask,
     padding_waste,
-    segment_mean,
     sentence_key,
     sentence_labels,
     volume_chunks,
@@ -21,6 +19,7 @@ from voxseq.sequence.chunks import (
 from voxseq.sequence.patches import patch_grid_coords, patchify, patchify_np, unpatchify
 from voxseq.sequence.samplers import (
     KINDS,
+    SEQUENCE_KINDS,
     ArraySource,
     AugmentConfig,
     ResumableSampler,
@@ -30,10 +29,11 @@ from voxseq.sequence.samplers import (
     collate_sequences,
     measure_sampler,
     read_window,
+    register_sequence_kind,
 )
 
-__all__ = ["KINDS", "ArraySource", "AugmentConfig", "ChunkBatchSampler", "ChunkConfig", "ChunkTextDataset",
+__all__ = ["KINDS", "SEQUENCE_KINDS", "ArraySource", "AugmentConfig", "ChunkBatchSampler", "ChunkConfig", "ChunkTextDataset",
            "ResumableSampler", "SequenceConfig", "SequenceDataset", "VolumeSource", "chunk_batches", "collate_packed",
            "collate_sequences", "label_counts", "lesion_in_window", "measure_sampler", "organs_in_chunk", "pack_lengths",
-           "packed_attention_mask", "padding_waste", "patch_grid_coords", "patchify", "patchify_np", "read_window",
-           "segment_mean", "sentence_key", "sentence_labels", "unpatchify", "volume_chunks"]
+           "padding_waste", "patch_grid_coords", "patchify", "patchify_np", "read_window", "register_sequence_kind",
+           "sentence_key", "sentence_labels", "unpatchify", "volume_chunks"]

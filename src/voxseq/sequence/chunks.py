@@ -26,7 +26,7 @@ drowning in a whole slice's tokens, and a training step of short chunks is cheap
 Variable size. Chunks have a free number of slices (``min_slices``..``max_slices``, multiples of the patch)
 and any in-plane size, so items have different token counts. Instead of padding every item to the longest,
 :func:`collate_packed` packs several chunks into one row (first-fit decreasing) and attention is kept inside
-each chunk by a block-diagonal mask (:func:`packed_attention_mask`); :func:`segment_mean` pools one
+each chunk by a block-diagonal mask (``voxseq.models.vit3d.packed_attention_mask``); ``voxseq.models.vlp.segment_mean`` pools one
 embedding per chunk. Padding stays under ~10% of the tokens on a realistic mix.
 
 Like :class:`voxseq.sequence.SequenceDataset`, item ``i`` is a pure function of ``(cfg.seed, i)``: it does
@@ -540,30 +540,9 @@ def collate_packed(items: list[dict[str, Any]], max_tokens: int) -> dict[str, An
     return batch
 
 
-def packed_attention_mask(segment: torch.Tensor) -> torch.Tensor:
-    """(R, L) segment ids -> (R, 1, L, L) bool, True where query and key are tokens of the same chunk.
-
-    A padding query attends to itself only, so no row is all False (SDPA would return NaN for it).
-    """
-    same = (segment[:, :, None] == segment[:, None, :]) & (segment >= 0)[:, :, None]
-    pad_self = torch.eye(segment.shape[1], dtype=torch.bool, device=segment.device) & (segment < 0)[:, :, None]
-    return (same | pad_self)[:, None]
-
-
 def padding_waste(segment: torch.Tensor) -> float:
     """Fraction of the packed tokens that are padding."""
     return float((segment < 0).sum()) / max(1, segment.numel())
-
-
-def segment_mean(features: torch.Tensor, segment: torch.Tensor, n: int) -> torch.Tensor:
-    """(R, L, E) token features -> (n, E) mean over each chunk's tokens (padding left out), in float32 sums."""
-    e = features.shape[-1]
-    flat, seg = features.reshape(-1, e), segment.reshape(-1)
-    keep = seg >= 0
-    seg, flat = seg[keep], flat[keep].float()
-    sums = torch.zeros(n, e, device=features.device).index_add_(0, seg, flat)
-    counts = torch.bincount(seg, minlength=n).clamp_min(1).to(sums.dtype)
-    return (sums / counts[:, None]).to(features.dtype)
 
 
 class ChunkBatchSampler(torch.utils.data.Sampler):

@@ -28,16 +28,13 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 import torch
 
 from voxseq import VoxseqError
 from voxseq.sequence.patches import patch_grid_coords
-
-KINDS = ("spatial", "contrast", "semantic")
-
 
 class VolumeSource(Protocol):
     """What the samplers read: :class:`voxseq.data.cache.Cache` implements it, so does :class:`ArraySource`."""
@@ -105,9 +102,9 @@ class SequenceConfig:
             raise VoxseqError(f"sequence.subvolume_zyx {self.subvolume_zyx} must be multiples of patch_size {p}")
         if self.token_order not in ("subvolume", "interleave"):
             raise VoxseqError(f"sequence.token_order must be 'subvolume' or 'interleave', not {self.token_order!r}")
-        unknown = set(self.kind_weights) - set(KINDS)
+        unknown = set(self.kind_weights) - set(SEQUENCE_KINDS)
         if unknown:
-            raise VoxseqError(f"sequence.kind_weights: unknown kinds {sorted(unknown)} (known: {KINDS})")
+            raise VoxseqError(f"sequence.kind_weights: unknown kinds {sorted(unknown)} (known: {tuple(SEQUENCE_KINDS)})")
         if self.axis not in (0, 1, 2):
             raise VoxseqError(f"sequence.axis must be 0, 1 or 2, not {self.axis}")
         span = (self.n_subvolumes - 1) * self.stride + self.subvolume_zyx[self.axis]
@@ -125,8 +122,7 @@ class SequenceConfig:
         return g[0] * g[1] * g[2]
 
     def seq_len(self, kind: str = "spatial") -> int:
-        n = {"spatial": self.n_subvolumes, "contrast": self.n_contrast, "semantic": self.n_semantic}[kind]
-        return n * self.tokens_per_subvolume
+        return SEQUENCE_KINDS[kind].count(self) * self.tokens_per_subvolume
 
 
 # ---------------------------------------------------------------------------- reading windows
@@ -168,7 +164,7 @@ class SequenceDataset(torch.utils.data.Dataset):
 
     Each item: ``tokens`` float32 (L, p^3), ``pos`` float32 (L, 4) = (sub-volume, z, y, x) in patch
     units relative to the crop origin (slab offsets included: 8 voxels = 0.5 with p = 16), ``valid``
-    bool (L,) (False for tokens made only of padding), ``kind`` int (index into ``KINDS``),
+    bool (L,) (False for tokens made only of padding), ``kind`` int (index into ``SEQUENCE_KINDS``),
     ``volume_index`` int (first volume of the sequence).
     """
 
@@ -178,8 +174,6 @@ class SequenceDataset(torch.utils.data.Dataset):
         self.coords = patch_grid_coords(self.grid).astype(np.float32)  # (k, 3)
         self._monai = None
         self.kinds, self.weights = self._usable_kinds()
-        if "semantic" in self.kinds:
-            self.lesions = self._lesion_index()
 
     # -- set-up
 
@@ -188,12 +182,9 @@ class SequenceDataset(torch.utils.data.Dataset):
         for kind, w in self.cfg.kind_weights.items():
             if w <= 0:
                 continue
-            if kind == "contrast" and not self._contrast_volumes():
-                raise VoxseqError(f"sequence.kind_weights asks for contrast sequences, but no volume has "
-                                  f">= {self.cfg.n_contrast} channels")
-            if kind == "semantic" and not self._lesion_index():
-                raise VoxseqError("sequence.kind_weights asks for semantic sequences, but no lesion category "
-                                  "has boxes in two or more volumes")
+            prepare = SEQUENCE_KINDS[kind].prepare
+            if prepare is not None:
+                prepare(self)
             kinds.append(kind)
             weights.append(w)
         if not kinds:
@@ -223,58 +214,12 @@ class SequenceDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         rng = np.random.default_rng([self.cfg.seed, int(index)])
         kind = self.kinds[int(rng.choice(len(self.kinds), p=self.weights))] if len(self.kinds) > 1 else self.kinds[0]
-        windows, offsets, valids, first = getattr(self, f"_{kind}")(rng)
+        windows, offsets, valids, first = SEQUENCE_KINDS[kind].draw(self, rng)
         return self._tokenize(windows, offsets, valids, rng, kind, first)
 
     def _random_start(self, rng, shape, size) -> list[int]:
         """Uniform crop corner; volumes smaller than the crop get it centred (padding both sides)."""
         return [int(rng.integers(0, n - k + 1)) if n >= k else -((k - n) // 2) for n, k in zip(shape, size)]
-
-    def _spatial(self, rng):
-        cfg = self.cfg
-        v = int(rng.integers(len(self.source)))
-        vol = self.source.image(v)
-        size = list(cfg.subvolume_zyx)
-        size[cfg.axis] = (cfg.n_subvolumes - 1) * cfg.stride + cfg.subvolume_zyx[cfg.axis]  # the slabs' union
-        start = self._random_start(rng, vol.shape[1:], cfg.crop_zyx)
-        window, valid = read_window(vol[:1], start, size, cfg.pad_value)
-        offsets = []
-        for n in range(cfg.n_subvolumes):
-            off = [0, 0, 0]
-            off[cfg.axis] = n * cfg.stride
-            offsets.append(off)
-        return window, offsets, [valid] * cfg.n_subvolumes, v
-
-    def _contrast(self, rng):
-        cfg = self.cfg
-        candidates = self._contrast_volumes()
-        v = candidates[int(rng.integers(len(candidates)))]
-        vol = self.source.image(v)
-        start = self._random_start(rng, vol.shape[1:], cfg.subvolume_zyx)
-        window, valid = read_window(vol[: cfg.n_contrast], start, cfg.subvolume_zyx, cfg.pad_value)
-        return window, [[0, 0, 0]] * cfg.n_contrast, [valid] * cfg.n_contrast, v
-
-    def _semantic(self, rng):
-        cfg = self.cfg
-        categories = list(self.lesions)
-        items = self.lesions[categories[int(rng.integers(len(categories)))]]
-        by_volume: dict[int, list[list[int]]] = defaultdict(list)
-        for vi, box in items:
-            by_volume[vi].append(box)
-        volumes = list(by_volume)
-        # different studies first; repeat studies only when the category has fewer than N
-        order = rng.permutation(len(volumes))
-        picks = [volumes[order[n % len(volumes)]] for n in range(cfg.n_semantic)]
-        crops, valids = [], []
-        for vi in picks:
-            boxes = by_volume[vi]
-            z0, y0, x0, z1, y1, x1 = boxes[int(rng.integers(len(boxes)))]
-            centre = [(z0 + z1) // 2, (y0 + y1) // 2, (x0 + x1) // 2]
-            start = [c - k // 2 for c, k in zip(centre, cfg.subvolume_zyx)]
-            w, valid = read_window(self.source.image(vi)[:1], start, cfg.subvolume_zyx, cfg.pad_value)
-            crops.append(w[0])
-            valids.append(valid)
-        return np.stack(crops), [[0, 0, 0]] * cfg.n_semantic, valids, picks[0]
 
     # -- augmentation + tokens
 
@@ -347,9 +292,101 @@ class SequenceDataset(torch.utils.data.Dataset):
             "tokens": tokens.reshape(n * k, p**3).contiguous(),
             "pos": torch.from_numpy(np.ascontiguousarray(pos.reshape(n * k, 4))),
             "valid": torch.from_numpy(np.ascontiguousarray(valid.reshape(n * k))),
-            "kind": KINDS.index(kind),
+            "kind": list(SEQUENCE_KINDS).index(kind),
             "volume_index": int(first),
         }
+
+
+# ---------------------------------------------------------------------------- sequence kinds (a registry)
+
+
+@dataclass(frozen=True)
+class SequenceKind:
+    draw: Callable[..., tuple]  # (dataset, rng) -> (window (C', Z, Y, X), offsets per sub-volume, valid masks, first volume)
+    count: Callable[[SequenceConfig], int]  # sub-volumes per sequence
+    prepare: Callable[..., None] | None = None  # (dataset) -> None: indexes the data; VoxseqError if it cannot give this kind
+
+
+SEQUENCE_KINDS: dict[str, SequenceKind] = {}
+
+
+def register_sequence_kind(name: str, count: Callable[[SequenceConfig], int], prepare: Callable[..., None] | None = None):
+    """Register ``draw(dataset, rng)`` as the sequence kind ``name`` (``sequence.kind_weights`` picks it by name)."""
+    def register(draw: Callable[..., tuple]) -> Callable[..., tuple]:
+        SEQUENCE_KINDS[name] = SequenceKind(draw, count, prepare)
+        return draw
+    return register
+
+
+def _need_contrast(ds: SequenceDataset) -> None:
+    if not ds._contrast_volumes():
+        raise VoxseqError(f"sequence.kind_weights asks for contrast sequences, but no volume has "
+                          f">= {ds.cfg.n_contrast} channels")
+
+
+def _index_lesions(ds: SequenceDataset) -> None:
+    ds.lesions = ds._lesion_index()
+    if not ds.lesions:
+        raise VoxseqError("sequence.kind_weights asks for semantic sequences, but no lesion category "
+                          "has boxes in two or more volumes")
+
+
+@register_sequence_kind("spatial", lambda cfg: cfg.n_subvolumes)
+def spatial_sequence(ds: SequenceDataset, rng: np.random.Generator):
+    """Slabs sliding along ``cfg.axis`` through one volume (AR-SSL4M's spatial sequences)."""
+    cfg = ds.cfg
+    v = int(rng.integers(len(ds.source)))
+    vol = ds.source.image(v)
+    size = list(cfg.subvolume_zyx)
+    size[cfg.axis] = (cfg.n_subvolumes - 1) * cfg.stride + cfg.subvolume_zyx[cfg.axis]  # the slabs' union
+    start = ds._random_start(rng, vol.shape[1:], cfg.crop_zyx)
+    window, valid = read_window(vol[:1], start, size, cfg.pad_value)
+    offsets = []
+    for n in range(cfg.n_subvolumes):
+        off = [0, 0, 0]
+        off[cfg.axis] = n * cfg.stride
+        offsets.append(off)
+    return window, offsets, [valid] * cfg.n_subvolumes, v
+
+
+@register_sequence_kind("contrast", lambda cfg: cfg.n_contrast, _need_contrast)
+def contrast_sequence(ds: SequenceDataset, rng: np.random.Generator):
+    """One place in ``cfg.n_contrast`` co-registered channels (MRI sequences) of one volume."""
+    cfg = ds.cfg
+    candidates = ds._contrast_volumes()
+    v = candidates[int(rng.integers(len(candidates)))]
+    vol = ds.source.image(v)
+    start = ds._random_start(rng, vol.shape[1:], cfg.subvolume_zyx)
+    window, valid = read_window(vol[: cfg.n_contrast], start, cfg.subvolume_zyx, cfg.pad_value)
+    return window, [[0, 0, 0]] * cfg.n_contrast, [valid] * cfg.n_contrast, v
+
+
+@register_sequence_kind("semantic", lambda cfg: cfg.n_semantic, _index_lesions)
+def semantic_sequence(ds: SequenceDataset, rng: np.random.Generator):
+    """Lesions of one category from different volumes (repeating volumes only when too few)."""
+    cfg = ds.cfg
+    categories = list(ds.lesions)
+    items = ds.lesions[categories[int(rng.integers(len(categories)))]]
+    by_volume: dict[int, list[list[int]]] = defaultdict(list)
+    for vi, box in items:
+        by_volume[vi].append(box)
+    volumes = list(by_volume)
+    # different studies first; repeat studies only when the category has fewer than N
+    order = rng.permutation(len(volumes))
+    picks = [volumes[order[n % len(volumes)]] for n in range(cfg.n_semantic)]
+    crops, valids = [], []
+    for vi in picks:
+        boxes = by_volume[vi]
+        z0, y0, x0, z1, y1, x1 = boxes[int(rng.integers(len(boxes)))]
+        centre = [(z0 + z1) // 2, (y0 + y1) // 2, (x0 + x1) // 2]
+        start = [c - k // 2 for c, k in zip(centre, cfg.subvolume_zyx)]
+        w, valid = read_window(ds.source.image(vi)[:1], start, cfg.subvolume_zyx, cfg.pad_value)
+        crops.append(w[0])
+        valids.append(valid)
+    return np.stack(crops), [[0, 0, 0]] * cfg.n_semantic, valids, picks[0]
+
+
+KINDS = tuple(SEQUENCE_KINDS)  # the built-in kinds; an item's ``kind`` is its index in SEQUENCE_KINDS
 
 
 class ResumableSampler(torch.utils.data.Sampler):

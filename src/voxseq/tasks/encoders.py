@@ -4,13 +4,12 @@ and turn files into features (``voxseq embed``).
 A checkpoint (file or run folder) carries ``model`` (the ViT config) and ``preprocess`` in its
 metadata. Encoder weights are the keys under ``encoder.`` (AR-SSL4M pretraining and fine-tuned
 models alike); everything else (heads, decoders, special tokens) is reported as unexpected.
-An official AR-SSL4M weights file (``.pth``/``.pt``/``.safetensors``) is converted to these names by
-``load_checkpoint`` (``voxseq.models.official``; mapping in docs/architecture.md).
+Loading (``load_encoder``, ``encoder_from_checkpoint``) lives in the model hub (``voxseq.models.hub``), which
+also converts official AR-SSL4M weights files (mapping in docs/architecture.md); they are re-exported here.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -18,49 +17,12 @@ import numpy as np
 import torch
 
 from voxseq import VoxseqError
-from voxseq.config import from_dict
 from voxseq.data.preprocess import Preprocess
 from voxseq.io.volume import Volume, read_volume
 from voxseq.models.features import Layer, token_features
-from voxseq.models.vit3d import ViT3D, ViTConfig, vit_config
-from voxseq.train.checkpoint import LoadReport, load_checkpoint, load_state_dict_checked
-
-# Keys of the other parts of voxseq models (AR heads and tokens, UNETR decoder, SigVLP pooling, projections
-# and text tower): expected in a checkpoint, not part of the encoder.
-NOT_ENCODER = ("head.", "start_token", "end_token", "mask_token", "decoder", "stem", "skip_blocks", "up_blocks", "out.",
-               "pool.", "vision_proj.", "text.", "text_proj.", "logit_scale", "logit_bias")
-
-
-def encoder_from_checkpoint(path: str | Path, strict: bool = False,
-                            start_token: bool = False) -> tuple[ViT3D, Preprocess, dict[str, Any], LoadReport]:
-    """(encoder, preprocessing, checkpoint metadata, load report) from a checkpoint or run folder.
-
-    ``start_token``: an AR-SSL4M pretraining checkpoint's learned start token is prepended to image
-    inputs (as every pretraining sequence began with it; the encoder drops its output)."""
-    ck = load_checkpoint(path)
-    meta = ck.meta
-    if "model" not in meta:
-        raise VoxseqError(f"{ck.path}: checkpoint metadata has no model config")
-    cfg = from_dict(ViTConfig, meta["model"])
-    if start_token and "start_token" in ck.state_dict and not cfg.start_token:
-        cfg = replace(cfg, start_token=True)
-    encoder = ViT3D(cfg)
-    state = {k: v for k, v in ck.state_dict.items()}
-    report = load_state_dict_checked(encoder, state, prefix_map={"encoder.": ""})
-    report.unexpected = [k for k in report.unexpected if not k.startswith(NOT_ENCODER)]
-    if not report.loaded:
-        raise VoxseqError(f"{ck.path}: no encoder weights found (expected keys under 'encoder.')")
-    if strict and (report.missing or report.mismatched):
-        raise VoxseqError(f"{ck.path}: encoder weights do not fit:\n{report.summary()}")
-    pre = from_dict(Preprocess, meta.get("preprocess", {}))
-    return encoder, pre, meta, report
-
-
-def load_encoder(path: str | Path) -> tuple[ViT3D, Preprocess, dict[str, Any]]:
-    """(encoder, preprocessing, checkpoint metadata) of any voxseq checkpoint or run folder (AR, MAE, SigVLP,
-    fine-tuned) or official AR-SSL4M weights: the Python face of ``voxseq embed --checkpoint``."""
-    encoder, pre, meta, _ = encoder_from_checkpoint(path)
-    return encoder.eval(), pre, meta
+# loading lives in the hub; these names stay importable from here
+from voxseq.models.hub import NOT_ENCODER, create_model, encoder_from_checkpoint, load_encoder  # noqa: F401
+from voxseq.models.vit3d import ViT3D
 
 
 def embed(encoder: ViT3D, pre: Preprocess, path: str | Path, *, per_token: bool = False, layer: Layer | None = None,
@@ -85,8 +47,7 @@ def embedding_setup(encoder: ViT3D, meta: dict[str, Any], layer: Layer | str | N
 def random_encoder(preset: str, patch_size: int | None = None) -> tuple[ViT3D, Preprocess]:
     """A randomly initialised encoder of a preset (a baseline for linear probes), default preprocessing."""
     torch.manual_seed(0)
-    cfg = vit_config(preset, **({"patch_size": patch_size} if patch_size else {}))
-    return ViT3D(cfg), Preprocess()
+    return create_model(preset, **({"patch_size": patch_size} if patch_size else {})), Preprocess()
 
 
 def resolve_window(window: str | Sequence[int] | None, meta: dict[str, Any], patch_size: int) -> list[int] | None:

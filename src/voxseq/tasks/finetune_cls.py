@@ -16,16 +16,15 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from voxseq import VoxseqError
-from voxseq.config import from_dict, load_config, to_dict
+from voxseq.config import load_config, to_dict
 from voxseq.data.adapters import label_subset
-from voxseq.data.preprocess import Preprocess
-from voxseq.models.vit3d import ViT3D, ViTConfig
+from voxseq.models.classifier import Classifier
+from voxseq.models.hub import encoder_config, load_checkpoint, load_encoder_weights, model_class_name, preprocess_of
+from voxseq.models.vit3d import ViTConfig
 from voxseq.tasks.data import DataConfig, training_cache
 from voxseq.tasks.finetune_base import FinetuneTask
-from voxseq.train.checkpoint import load_checkpoint, load_state_dict_checked
 from voxseq.train.loop import RunContext, TrainConfig, fit
 
 
@@ -57,24 +56,6 @@ class ClsConfig:
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     device: str = "auto"
     distributed: str = "ddp"  # ddp | fsdp2 (under torchrun)
-
-
-class Classifier(nn.Module):
-    """Encoder -> mean-pooled tokens (B, E) -> logit (B,)."""
-
-    def __init__(self, vit: ViTConfig, head: str = "linear"):
-        super().__init__()
-        self.encoder = ViT3D(vit)
-        e = vit.embed_dim
-        if head == "linear":
-            self.head = nn.Linear(e, 1)
-        elif head == "mlp":
-            self.head = nn.Sequential(nn.Linear(e, e), nn.GELU(), nn.Linear(e, 1))
-        else:
-            raise VoxseqError(f"head must be 'linear' or 'mlp', not {head!r}")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder.forward_features(x).mean(1))[:, 0]
 
 
 def binary_metrics(scores: np.ndarray, labels: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
@@ -110,15 +91,15 @@ class ClsTask(FinetuneTask):
         vit = cfg.model
         ck = load_checkpoint(self.init) if self.init else None
         if ck is not None:
-            vit = from_dict(ViTConfig, ck.meta["model"])
+            vit = encoder_config(ck.meta)
             if cfg.use_init_preprocess and "preprocess" in ck.meta:
-                cfg.data.preprocess = from_dict(Preprocess, ck.meta["preprocess"])
+                cfg.data.preprocess = preprocess_of(ck.meta)
         if any(s % vit.patch_size for s in cfg.input_zyx):
             raise VoxseqError(f"input_zyx {cfg.input_zyx} must be multiples of the patch size {vit.patch_size}")
         self.model = model = Classifier(vit, cfg.head)
         self.how = "encoder from scratch"
         if ck is not None:
-            rep = load_state_dict_checked(model.encoder, ck.state_dict, prefix_map={"encoder.": ""})
+            rep = load_encoder_weights(model.encoder, ck)
             self.how = f"encoder from {ck.path.name}: {len(rep.loaded)} tensors loaded"
         cfg.model = vit
         cache = training_cache(cfg.data, run_dir, None, main=ctx.main, progress=ctx.progress)
@@ -161,7 +142,7 @@ class ClsTask(FinetuneTask):
     def meta(self, final: bool) -> dict[str, Any]:
         cfg = self.cfg
         meta = {"task": "finetune-cls", "config": to_dict(cfg), "model": to_dict(cfg.model),
-                "preprocess": to_dict(cfg.data.preprocess), "model_class": "Classifier",
+                "preprocess": to_dict(cfg.data.preprocess), "model_class": model_class_name(Classifier),
                 "init": str(self.init) if self.init else None}
         if final:  # the last step's checkpoint carries the evaluation (every rank evaluates: FSDP2 shards the model)
             self.metrics = self.evaluate()

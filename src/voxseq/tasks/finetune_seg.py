@@ -21,12 +21,19 @@ from voxseq import VoxseqError
 from voxseq.config import from_dict, load_config, to_dict
 from voxseq.data.adapters import label_subset, split_ids
 from voxseq.data.preprocess import Preprocess, to_source_grid
+from voxseq.eval.segmentation import (  # noqa: F401 - dice_per_class is importable from here as before
+    dice_per_class,
+    evaluate_segmentation,
+    sliding_predict,
+    write_segmentation_report,
+)
+from voxseq.models.hub import (encoder_config, load_checkpoint, load_encoder_weights, load_model, model_class_name,
+                               preprocess_of)
 from voxseq.models.unetr import UNETR3D, UNETRConfig
 from voxseq.models.vit3d import ViTConfig
 from voxseq.sequence.samplers import read_window
 from voxseq.tasks.data import DataConfig, open_cache, training_cache
 from voxseq.tasks.finetune_base import FinetuneTask
-from voxseq.train.checkpoint import load_checkpoint, load_state_dict_checked
 from voxseq.train.loop import RunContext, StepInfo, TrainConfig, fit
 
 
@@ -132,50 +139,19 @@ def build_seg_model(cfg: SegConfig, init: str | None, load_weights: bool = True)
     if init is None:
         return UNETR3D(cfg.model, cfg.unetr), None, "encoder from scratch"
     ck = load_checkpoint(init)
-    vit = from_dict(ViTConfig, ck.meta["model"])
-    model = UNETR3D(vit, cfg.unetr)
-    pre = from_dict(Preprocess, ck.meta["preprocess"]) if "preprocess" in ck.meta else None
+    model = UNETR3D(encoder_config(ck.meta), cfg.unetr)
+    pre = preprocess_of(ck.meta) if "preprocess" in ck.meta else None
     if not load_weights:
         return model, pre, f"encoder from scratch (architecture of {ck.path.name})"
-    report = load_state_dict_checked(model.encoder, ck.state_dict, prefix_map={"encoder.": ""})
+    report = load_encoder_weights(model.encoder, ck)
     if not report.loaded:
         raise VoxseqError(f"{ck.path}: no encoder weights to initialise from")
     return model, pre, f"encoder from {ck.path.name}: {len(report.loaded)} tensors loaded, {len(report.missing)} missing"
 
 
-@torch.no_grad()
-def sliding_predict(model: UNETR3D, image: np.ndarray, roi, overlap: float) -> np.ndarray:
-    """Class map (Z, Y, X) of a (C, Z, Y, X) volume by MONAI sliding-window inference."""
-    from monai.inferers import sliding_window_inference
-
-    model.eval()
-    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
-    device = next(model.parameters()).device  # windows on the model's device, the whole volume's logits on the CPU
-    logits = sliding_window_inference(x, roi, 1, model, overlap=overlap, mode="gaussian", sw_device=device, device="cpu")
-    model.train()
-    return logits.argmax(1)[0].numpy().astype(np.uint8)
-
-
-def dice_per_class(pred: np.ndarray, label: np.ndarray, num_classes: int) -> list[float]:
-    """MONAI DiceMetric per foreground class (NaN where a class is absent from both)."""
-    from monai.metrics import DiceMetric
-    from monai.networks.utils import one_hot
-
-    metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
-    p = one_hot(torch.from_numpy(pred.astype(np.int64))[None, None], num_classes)
-    y = one_hot(torch.from_numpy(np.asarray(label).astype(np.int64))[None, None], num_classes)
-    return [float(v) for v in metric(p, y)[0]]
-
-
 def evaluate_seg(model: UNETR3D, cache, indices: list[int], cfg: SegConfig) -> dict[str, Any]:
-    per_case = {}
-    for i in indices:
-        pred = sliding_predict(model, np.asarray(cache.image(i)), cfg.roi_zyx, cfg.overlap)
-        per_case[cache.entry(i)["id"]] = dice_per_class(pred, cache.label(i), cfg.unetr.out_channels)
-    arr = np.array(list(per_case.values()), float)  # (cases, classes-1)
-    per_class = np.nanmean(arr, axis=0) if len(arr) else np.array([])
-    return {"mean_dice": float(np.nanmean(per_class)) if len(per_class) else float("nan"),
-            "dice_per_class": [float(v) for v in per_class], "per_case": per_case}
+    """Dice per class on cached volumes, with the config's ROI, overlap and classes."""
+    return evaluate_segmentation(model, cache, indices, cfg.roi_zyx, cfg.overlap, cfg.unetr.out_channels)
 
 
 class SegTask(FinetuneTask):
@@ -217,7 +193,8 @@ class SegTask(FinetuneTask):
         self.val = [i for i in labelled if splits[i] in cfg.eval_splits]
         self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
         self._meta = {"task": "finetune-seg", "config": to_dict(cfg), "model": to_dict(cfg.model),
-                      "unetr": to_dict(cfg.unetr), "preprocess": to_dict(cfg.data.preprocess), "model_class": "UNETR3D",
+                      "unetr": to_dict(cfg.unetr), "preprocess": to_dict(cfg.data.preprocess),
+                      "model_class": model_class_name(UNETR3D),
                       "init": str(self.init) if self.init and self.load_weights else None,
                       "train_ids": [cache.entry(i)["id"] for i in self.train],
                       "val_ids": [cache.entry(i)["id"] for i in self.val]}
@@ -283,8 +260,6 @@ def run_finetune_seg(cfg: SegConfig, out: str | Path, init: str | None = None, p
 def evaluate_checkpoint(checkpoint: str | Path, split: str = "val", out: str | Path | None = None) -> dict[str, Any]:
     """Dice per class of a segmentation checkpoint on a split of the cache it was trained on;
     writes ``evaluation.json`` and ``evaluation.md`` to ``out`` (default: the run folder)."""
-    import json
-
     model, _, meta = load_seg_model(checkpoint)
     cfg = from_dict(SegConfig, meta["config"])
     ck_path = load_checkpoint(checkpoint).path
@@ -296,24 +271,13 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "val", out: str | P
     if not indices:
         raise VoxseqError(f"{checkpoint}: no labelled volumes in split {split!r}")
     result = evaluate_seg(model, cache, indices, cfg)
-    out = Path(out) if out else run_dir
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "evaluation.json").write_text(json.dumps({"checkpoint": str(ck_path), "split": split, **result}, indent=1))
-    lines = [f"# Segmentation evaluation ({split}, {len(indices)} volumes)", "", f"checkpoint: `{ck_path}`", "",
-             f"mean Dice: **{result['mean_dice']:.4f}**", "", "| class | Dice |", "|---|---|"]
-    lines += [f"| {c + 1} | {d:.4f} |" for c, d in enumerate(result["dice_per_class"])]
-    (out / "evaluation.md").write_text("\n".join(lines) + "\n")
+    write_segmentation_report(result, out or run_dir, ck_path, split, len(indices))
     return result
 
 
 def load_seg_model(checkpoint: str | Path) -> tuple[UNETR3D, Preprocess, dict[str, Any]]:
-    ck = load_checkpoint(checkpoint)
-    if ck.meta.get("model_class") != "UNETR3D":
-        raise VoxseqError(f"{ck.path}: not a segmentation checkpoint (made by {ck.meta.get('task', 'unknown')}); "
-                          "use one written by `voxseq finetune seg`")
-    model = UNETR3D(from_dict(ViTConfig, ck.meta["model"]), from_dict(UNETRConfig, ck.meta["unetr"]))
-    load_state_dict_checked(model, ck.state_dict, strict=True)
-    return model, from_dict(Preprocess, ck.meta["preprocess"]), ck.meta
+    """(UNETR, preprocessing, metadata) of a `voxseq finetune seg` checkpoint, through the model hub."""
+    return load_model(checkpoint, expect=model_class_name(UNETR3D), hint="use one written by `voxseq finetune seg`")
 
 
 def predict_files(checkpoint: str | Path, files: list[Path], out_dir: str | Path, nonfinite: str = "error") -> list[Path]:

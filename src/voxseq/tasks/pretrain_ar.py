@@ -19,12 +19,13 @@ from typing import Any
 import torch
 
 from voxseq import VoxseqError
+from voxseq.checkpoint import load_checkpoint
 from voxseq.config import load_config, require_at_least, to_dict
+from voxseq.models.hub import model_class_name
 from voxseq.models.vit3d import ARViT3D, ViTConfig, count_params, flops_per_token
 from voxseq.objectives.ar import norm_pixel_loss, prefix_loss_mask, sample_prefix_len
 from voxseq.sequence import ResumableSampler, SequenceConfig, SequenceDataset, collate_sequences
 from voxseq.tasks.data import DataConfig, training_cache
-from voxseq.train.checkpoint import load_checkpoint
 from voxseq.train.loop import RunContext, StepInfo, TrainConfig, TrainTask, fit
 from voxseq.train.metrics import read_metrics
 from voxseq.train.optim import build_optimizer, param_groups
@@ -107,7 +108,7 @@ class ARPretrainTask(TrainTask):
 
     def meta(self, final: bool) -> dict[str, Any]:
         return {"task": "pretrain-ar", "config": to_dict(self.cfg), "preprocess": to_dict(self.source.preprocess),
-                "model": to_dict(self.cfg.model), "model_class": "ARViT3D"}
+                "model": to_dict(self.cfg.model), "model_class": model_class_name(ARViT3D)}
 
     def start(self, step: int, ctx: RunContext) -> None:
         cfg = self.cfg

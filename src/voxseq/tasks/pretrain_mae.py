@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from voxseq.config import load_config
+from voxseq.models.hub import model_class_name
 from voxseq.models.mae import MAEDecoderConfig, MAEViT3D, random_masking
 from voxseq.models.vit3d import count_params, flops_per_token
 from voxseq.objectives.ar import norm_pixel_loss
@@ -62,7 +63,7 @@ class MAEPretrainTask(ARPretrainTask):
         return f"pretrain mae ({count_params(model) / 1e6:.1f}M params, mask {self.cfg.mask_ratio:g})"
 
     def meta(self, final: bool) -> dict[str, Any]:
-        return {**super().meta(final), "task": "pretrain-mae", "model_class": "MAEViT3D"}
+        return {**super().meta(final), "task": "pretrain-mae", "model_class": model_class_name(MAEViT3D)}
 
     def batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
         batch = next(self.batches)

@@ -20,12 +20,12 @@ import torch
 from voxseq import VoxseqError
 from voxseq.config import load_config, require_at_least, to_dict
 from voxseq.data.preprocess import Preprocess
+from voxseq.models.hub import load_model, model_class_name
 from voxseq.models.vit3d import count_params
-from voxseq.models.vlp import SigVLP, VLPModelConfig, load_tokenizer, vlp_meta
-from voxseq.objectives.siglip import SigLipLoss, key_tensor
+from voxseq.models.vlp import SigVLP, VLPModelConfig, load_tokenizer, tokenize, vlp_meta
+from voxseq.objectives.siglip import SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE, SigLipLoss, key_tensor
 from voxseq.sequence.chunks import ChunkBatchSampler, ChunkConfig, ChunkTextDataset, collate_packed, padding_waste
 from voxseq.tasks.data import DataConfig, training_cache
-from voxseq.train.checkpoint import load_checkpoint, load_state_dict_checked
 from voxseq.train.loop import RunContext, StepInfo, TrainConfig, TrainTask, fit
 from voxseq.train.metrics import read_metrics
 from voxseq.train.optim import build_optimizers
@@ -81,11 +81,6 @@ def load_vlp_config(path: str | Path | None, overrides: list[str] | None = None)
     return load_config(VLPPretrainConfig, path, overrides)
 
 
-def tokenize(tokenizer, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
-    enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-
-
 class VLPPretrainTask(TrainTask):
     """SigVLP on the engine: packed chunk-text batches, the two towers and the SigLIP loss."""
 
@@ -105,7 +100,7 @@ class VLPPretrainTask(TrainTask):
         self.loss_fn = SigLipLoss()
 
     def build_model(self, ctx: RunContext) -> SigVLP:
-        self.model = SigVLP(self.cfg.model)
+        self.model = SigVLP(self.cfg.model, SIGLIP_INIT_LOGIT_SCALE, SIGLIP_INIT_LOGIT_BIAS)
         return self.model
 
     def build_optimizers(self, model, ctx):
@@ -121,7 +116,7 @@ class VLPPretrainTask(TrainTask):
 
     def meta(self, final: bool) -> dict[str, Any]:
         return {"task": "pretrain-vlp", "config": to_dict(self.cfg), "preprocess": to_dict(self.source.preprocess),
-                **vlp_meta(self.cfg.model)}
+                **vlp_meta(self.cfg.model), "model_class": model_class_name(SigVLP)}
 
     def start(self, step: int, ctx: RunContext) -> None:
         cfg = self.cfg
@@ -173,15 +168,8 @@ def run_pretrain_vlp(cfg: VLPPretrainConfig, out: str | Path, *, resume: bool = 
 
 def vlp_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[SigVLP, Preprocess, dict[str, Any]]:
     """(SigVLP with the checkpoint's weights, its preprocessing, metadata) from a checkpoint or run folder."""
-    from voxseq.config import from_dict
-
-    ck = load_checkpoint(path)
-    if "vlp_model" not in ck.meta:
-        raise VoxseqError(f"{ck.path}: not a SigVLP checkpoint (task {ck.meta.get('task', '?')}); "
-                          "zero-shot and retrieval need the text tower of a `voxseq pretrain vlp` run")
-    model = SigVLP(from_dict(VLPModelConfig, ck.meta["vlp_model"]))
-    load_state_dict_checked(model, ck.state_dict, strict=True)
-    return model.to(device).eval(), from_dict(Preprocess, ck.meta.get("preprocess", {})), ck.meta
+    return load_model(path, expect=model_class_name(SigVLP), device=device,
+                      hint="zero-shot and retrieval need the text tower of a `voxseq pretrain vlp` run")
 
 
 @torch.no_grad()

@@ -113,7 +113,7 @@ def save_training_checkpoint(run_dir, step: int, model: nn.Module, optimizer, *,
                              keep_last: int, extra_state: dict | None = None) -> None:
     """Gather full weights and optimiser state (a collective: every rank calls it), write them on rank 0
     with the RNG state and ``extra_state`` (sampler...), then wait for rank 0."""
-    from voxseq.train.checkpoint import get_rng_state, save_checkpoint
+    from voxseq.checkpoint import get_rng_state, save_checkpoint
 
     weights, optim_state = full_state_dicts(model, optimizer)
     if main:
@@ -125,7 +125,7 @@ def save_training_checkpoint(run_dir, step: int, model: nn.Module, optimizer, *,
 
 def restore_training_state(model: nn.Module, optimizer, checkpoint) -> int:
     """Optimiser and RNG state of a checkpoint into this process; returns the step to continue from."""
-    from voxseq.train.checkpoint import set_rng_state
+    from voxseq.checkpoint import set_rng_state
 
     state = checkpoint.training_state()
     load_full_optimizer_state(model, optimizer, state["optimizer"])

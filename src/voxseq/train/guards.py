@@ -35,7 +35,7 @@ class NonFiniteGuard:
         self.in_a_row += 1
         self.total += 1
         if self.in_a_row > self.limit:
-            from voxseq.train.checkpoint import latest_checkpoint
+            from voxseq.checkpoint import latest_checkpoint
 
             last = latest_checkpoint(self.run_dir) if self.run_dir is not None else None
             kept = f"; the last good checkpoint is {last}" if last is not None else ""

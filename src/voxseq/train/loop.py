@@ -32,7 +32,7 @@ from torch import nn
 from voxseq import VoxseqError
 from voxseq.config import save_yaml
 from voxseq.train import distributed as dist_utils
-from voxseq.train.checkpoint import checkpoint_to_resume, load_state_dict_checked, set_rng_state
+from voxseq.checkpoint import checkpoint_to_resume, load_state_dict_checked, set_rng_state
 from voxseq.train.guards import NonFiniteGuard, clip_gradients
 from voxseq.train.metrics import MetricsLogger, Progress
 from voxseq.train.optim import set_lr_all, warmup_cosine

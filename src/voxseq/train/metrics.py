@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from voxseq.files import atomic_write_text
+
 
 def loss_summary(rows: list[dict[str, Any]]) -> dict[str, float]:
     """Mean loss of the first and the last tenth of the steps (single steps are too noisy to compare)."""
@@ -33,9 +35,7 @@ class MetricsLogger:
             self.path.write_text("")
         elif self.path.exists():
             rows = [r for r in read_metrics(self.path.parent) if r.get("step", -1) <= resume_step]
-            tmp = self.path.with_name(".tmp-metrics.jsonl")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-            os.replace(tmp, self.path)
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows))
         self._f = open(self.path, "a")
 
     def log(self, row: dict[str, Any]) -> None:

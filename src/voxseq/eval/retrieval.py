@@ -1,0 +1,53 @@
+"""Retrieval evaluation of SigVLP embeddings: volume -> report and report -> volume recall@k, volume -> volume
+MAP@k over the binary labels every volume carries (relevant: at least one shared positive label), and the
+Markdown report. Metrics are ``voxseq.eval.metrics``; ``voxseq.tasks.eval_vlp`` wires checkpoints and caches."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from voxseq.eval.metrics import retrieval_report, volume_retrieval_report
+
+
+def retrieval_results(img: np.ndarray, txt: np.ndarray, truth: np.ndarray | None, labels: list[str],
+                      ks: Sequence[int]) -> dict[str, Any]:
+    """Volume (N, D) and report (N, D) embeddings, paired by row -> recall@k both ways and chance; with
+    ``truth`` (N, K) 0/1 of ``labels``, volume -> volume MAP@k too."""
+    n = len(img)
+    rep = retrieval_report(img, txt, ks)
+    result = {"n": n, **rep, "chance": {f"R@{k}": min(k, n) / n for k in ks}}
+    if labels:
+        vv = volume_retrieval_report(img, truth, ks)
+        result.update({"volume_to_volume": vv["volume_to_volume"], "volume_to_volume_chance": vv["chance"],
+                       "volume_to_volume_labels": labels, "volume_to_volume_queries": vv["queries"],
+                       "volume_to_volume_relevant_fraction": vv["relevant_fraction"],
+                       "volume_to_volume_relevance": "shares at least one positive label"})
+    return result
+
+
+def retrieval_markdown(result: dict[str, Any], ks: Sequence[int]) -> str:
+    """retrieval.md: recall@k both ways against chance, and the volume -> volume MAP@k table."""
+    n, labels = result["n"], result.get("volume_to_volume_labels", [])
+    lines = [f"# Retrieval ({n} volumes and their reports)", "", f"checkpoint: `{result['checkpoint']}`", "",
+             "| direction | " + " | ".join(f"R@{k}" for k in ks) + " |", "|---" * (len(ks) + 1) + "|"]
+    for d in ("volume_to_report", "report_to_volume"):
+        lines.append(f"| {d.replace('_', ' ')} | " + " | ".join(f"{result[d][f'R@{k}']:.3f}" for k in ks) + " |")
+    lines.append("| chance | " + " | ".join(f"{result['chance'][f'R@{k}']:.3f}" for k in ks) + " |")
+    if labels and not result["volume_to_volume_queries"]:
+        lines += ["", f"No volume shares a positive label ({', '.join(labels)}) with another: no volume -> volume MAP@k."]
+    elif labels:
+        lines += ["", f"## Volume -> volume MAP@k ({result['volume_to_volume_queries']} queries)", "",
+                  f"Two volumes are relevant to each other when they share at least one positive label among "
+                  f"{', '.join(labels)}; each volume with such a neighbour queries all the others. AP@k divides by "
+                  f"min(k, relevant volumes); chance is the exact MAP@k of a random ranking.", "",
+                  "| | " + " | ".join(f"MAP@{k}" for k in ks) + " |", "|---" * (len(ks) + 1) + "|",
+                  "| volume to volume | " + " | ".join(f"{result['volume_to_volume'][f'MAP@{k}']:.3f}" for k in ks) + " |",
+                  "| chance | " + " | ".join(f"{result['volume_to_volume_chance'][f'MAP@{k}']:.3f}" for k in ks) + " |"]
+    else:
+        lines += ["", "No binary label carried by every volume: no volume -> volume MAP@k."]
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["retrieval_markdown", "retrieval_results"]
