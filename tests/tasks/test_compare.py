@@ -68,7 +68,8 @@ def test_compare_runs_every_arm_pairs_by_seed_and_probes(tmp_path, runs):
     mtime = (out / "mae_r0.5_s0" / "metrics.jsonl").stat().st_mtime
     assert main([*args, "--no-probe"]) == 0
     again = json.loads((out / "compare.json").read_text())
-    assert again["runs"] == r["runs"] and (out / "mae_r0.5_s0" / "metrics.jsonl").stat().st_mtime == mtime
+    assert again["runs"] == r["runs"] and again["probe"] == r["probe"]
+    assert (out / "mae_r0.5_s0" / "metrics.jsonl").stat().st_mtime == mtime
 
 
 def test_compare_refuses_unfair_or_unknown_set_ups(tmp_path, runs, capsys):

@@ -24,7 +24,15 @@ def test_demo_quick_end_to_end(tmp_path):
     seg = m["segmentation"]
     assert set(seg["dice"]) == {"scratch", "pretrained"}
     assert all(0.0 < d <= 1.0 for d in seg["dice"].values())  # both arms segment something of the organs
-    assert seg["table"][0]["ratio"] == seg["ratio"] < 1.0 and seg["table"][0]["n_train"] >= 1
+    assert seg["table"][0]["ratio"] == seg["ratio"] == 0.1 and seg["table"][0]["n_train"] >= 1
+    # pretrained minus scratch paired by seed, with the spread, and a verdict that follows from them
+    assert seg["seeds"] == [0, 1] and seg["paired"]["seeds"] == [0, 1]
+    assert seg["paired"]["mean"] == pytest.approx(seg["dice"]["pretrained"] - seg["dice"]["scratch"])
+    strong = abs(seg["paired"]["mean"]) > 2 * seg["paired"]["std"]
+    assert seg["verdict"].startswith("pretrained and scratch within noise") != strong
+    probe = m["probe"]  # per-token organ probe: the AR encoder's middle block against a random encoder's
+    assert probe["layer"] == 3 and probe["test_tokens"] > 100
+    assert all(1 / 11 < probe[k] <= 1 for k in ("pretrained", "random"))
 
     vlp = m["vlp"]
     assert vlp["steps"] == m["settings"]["vlp_steps"] and vlp["loss_end"] < vlp["loss_start"]
@@ -47,13 +55,14 @@ def test_demo_quick_end_to_end(tmp_path):
 
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == len(m["figures"]) >= 7  # every figure embedded, one file
-    for caption in ("AR pretraining loss", "AR reconstruction", "Segmentation of a validation volume",
+    for caption in ("AR pretraining loss", "AR reconstruction", "Segmentation of a validation volume", "Per-token organ probe",
                     "SigVLP loss", "SigVLP chunk-text similarity", "ROC curves"):
         assert caption in page
-    for title in ("Label efficiency", "Zero-shot abnormality classification", "Zero-shot organ classification",
+    for title in ("Headlines", "Label efficiency", "Zero-shot abnormality classification", "Zero-shot organ classification",
                   "Retrieval", "Timings and throughput"):
         assert f"<h2>{title}" in page
-    for command in ("voxseq pretrain ar", "voxseq experiment label-efficiency", "voxseq pretrain vlp",
+    for command in ("voxseq pretrain ar", "voxseq experiment label-efficiency", "voxseq experiment linear-probe",
+                    "voxseq pretrain vlp",
                     "voxseq evaluate zero-shot", "voxseq evaluate retrieval"):
         assert command in page
     md = (out / "report.md").read_text()
@@ -64,7 +73,7 @@ def test_demo_quick_end_to_end(tmp_path):
     # a re-run reuses every finished step
     assert main(["demo", "--quick", "--out", str(out)]) == 0
     again = json.loads((out / "metrics.json").read_text())
-    for step in ("data", "pretrain", "segmentation", "vlp", "zero_shot", "retrieval"):
+    for step in ("data", "pretrain", "segmentation", "probe", "vlp", "zero_shot", "retrieval"):
         assert again[step]["reused"] is True, step
     assert again["wall_s"] < 0.5 * m["wall_s"]
     assert math.isclose(again["segmentation"]["dice"]["pretrained"], seg["dice"]["pretrained"])

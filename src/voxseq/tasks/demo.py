@@ -2,11 +2,12 @@
 
 Steps (each reused on a re-run when it finished and the steps it builds on were reused; ``--fresh``
 redoes them all):
-  1. data       - phantoms (CT torsos + 4-contrast brain MRIs) and the real samples -> one cache
+  1. data       - phantoms v2 (CT torsos + 4-contrast brain MRIs) and the real samples -> one cache
   2. sequences  - a figure of spatial, contrast and semantic sequences cut from the cache
   3. AR         - AR-SSL4M pretraining of the tiny ViT (configs/ar_tiny.yaml)
-  4. seg        - UNETR fine-tuning on the CT phantoms' organs at a low label ratio, encoder from the AR
-                  run versus from scratch (configs/seg_phantom_tiny.yaml), with an overlay figure
+  4. seg        - UNETR fine-tuning on the CT phantoms' organs at 10% of the labels over seeds, encoder from
+                  the AR run versus from scratch paired by seed (configs/seg_phantom_v2.yaml), an overlay figure,
+                  and the per-token organ probe of the AR encoder against a random one
   5. VLP        - SigVLP pretraining on the same CT phantoms (configs/vlp_tiny.yaml preprocessing)
   6. zero-shot  - abnormality and organ classification (configs/prompts_phantom.yaml) and volume <-> report
                   retrieval on held-out phantoms of another seed
@@ -32,10 +33,11 @@ from voxseq.tasks.data import PhantomConfig, ensure_cache, repo_path
 from voxseq.train.metrics import loss_summary
 
 AR_CONFIG = "configs/ar_tiny.yaml"
-SEG_CONFIG = "configs/seg_phantom_tiny.yaml"
+SEG_CONFIG = "configs/seg_phantom_v2.yaml"
 VLP_CONFIG = "configs/vlp_tiny.yaml"
 PROMPTS = "configs/prompts_phantom.yaml"
 RETRIEVAL_KS = (1, 5, 10)
+PHANTOM_VERSION = 2  # the CPU proxy of docs/reproducing.md: organs told apart by texture, shape and place
 
 
 def _say(msg: str) -> None:
@@ -51,10 +53,12 @@ def demo_settings(quick: bool) -> dict[str, Any]:
     embed, and the data steps take seconds."""
     if quick:
         return {"n_ct": 6, "n_mri": 2, "size_xy": 96, "max_slices": 96, "ar_steps": 40, "batch_size": 2,
-                "seg_ratios": (0.25,), "seg_steps": 30, "seg_roi": 32, "seg_overlap": 0.0,
+                "seg_ratios": (0.1,), "seg_seeds": (0, 1), "seg_steps": 30, "seg_roi": 32, "seg_overlap": 0.0,
+                "probe_tokens": 4000,
                 "vlp_steps": 50, "vlp_chunks": 8, "vlp_max_slices": 32, "n_heldout": 8}
     return {"n_ct": 16, "n_mri": 4, "size_xy": 128, "max_slices": 160, "ar_steps": 200, "batch_size": 4,
-            "seg_ratios": (0.25, 1.0), "seg_steps": 60, "seg_roi": 32, "seg_overlap": 0.25,
+            "seg_ratios": (0.1,), "seg_seeds": (0, 1, 2), "seg_steps": 60, "seg_roi": 32, "seg_overlap": 0.25,
+            "probe_tokens": 20000,
             "vlp_steps": 60, "vlp_chunks": 8, "vlp_max_slices": 64, "n_heldout": 16}
 
 
@@ -88,7 +92,7 @@ def _clean(x: Any) -> Any:
 
 def phantom_folder(out: Path, s: dict[str, Any]) -> Path:
     """Where step 1 writes its phantoms (the folder name ``ensure_cache`` gives them)."""
-    return out / f"phantoms_ct{s['n_ct']}_mri{s['n_mri']}_seed0_{s['size_xy']}"
+    return out / f"phantoms_ct{s['n_ct']}_mri{s['n_mri']}_seed0_{s['size_xy']}_v{PHANTOM_VERSION}"
 
 
 def step_data(out: Path, s: dict[str, Any]) -> dict[str, Any]:
@@ -98,7 +102,8 @@ def step_data(out: Path, s: dict[str, Any]) -> dict[str, Any]:
     base = load_yaml(repo_path(AR_CONFIG))
     pre = from_dict(Preprocess, base["data"]["preprocess"])
     data = DataConfig(cache=str(out / "cache"), samples=True, preprocess=pre,
-                      phantoms=PhantomConfig(n_ct=s["n_ct"], n_mri=s["n_mri"], size_xy=s["size_xy"], max_slices=s["max_slices"]))
+                      phantoms=PhantomConfig(n_ct=s["n_ct"], n_mri=s["n_mri"], size_xy=s["size_xy"], max_slices=s["max_slices"],
+                                             version=PHANTOM_VERSION))
     reused = (out / "cache" / "index.jsonl").is_file()
     t = time.perf_counter()
     ensure_cache(data, out)
@@ -180,7 +185,7 @@ def step_pretrain(out: Path, s: dict[str, Any], upstream_reused: bool) -> dict[s
 
 
 def seg_overrides(out: Path, s: dict[str, Any]) -> list[str]:
-    """configs/seg_phantom_tiny.yaml sized for the demo, on the CT phantoms of step 1."""
+    """configs/seg_phantom_v2.yaml sized for the demo, on the CT phantoms of step 1."""
     roi = s["seg_roi"]
     return [f"data.source={ct_manifest(phantom_folder(out, s))}", "data.phantoms.n_ct=0", "data.workers=2",
             f"max_steps={s['seg_steps']}", f"warmup_steps={max(5, s['seg_steps'] // 10)}",
@@ -189,35 +194,72 @@ def seg_overrides(out: Path, s: dict[str, Any]) -> list[str]:
 
 
 def step_segmentation(out: Path, s: dict[str, Any], ar_run: Path, upstream_reused: bool) -> dict[str, Any]:
-    """Pretrained (encoder from the AR run) versus scratch, same UNETR, data, preprocessing and steps;
-    run_label_efficiency keeps the table in results.json and resumes it on a re-run."""
+    """Pretrained (encoder from the AR run) versus scratch, same UNETR, data, preprocessing and steps, over
+    seeds (which labelled volumes, which crops) and paired by seed; run_label_efficiency keeps the table in
+    results.json and resumes it on a re-run."""
     from voxseq.tasks.experiments import run_label_efficiency
 
     folder = out / "seg"
     _drop_stale(folder, upstream_reused)
-    ratios = s["seg_ratios"]
-    wanted = {(arm, r, 0) for arm in ("scratch", "pretrained") for r in ratios}
+    ratios, seeds = s["seg_ratios"], s["seg_seeds"]
+    wanted = {(arm, r, seed) for arm in ("scratch", "pretrained") for r in ratios for seed in seeds}
     done_path = folder / "results.json"
     done = done_path.is_file() and wanted <= {(r["arm"], r["ratio"], r["seed"]) for r in json.loads(done_path.read_text())["runs"]}
     overrides = seg_overrides(out, s)
     t = time.perf_counter()
-    result = run_label_efficiency(repo_path(SEG_CONFIG), ar_run, folder, ratios=ratios, seeds=(0,), overrides=overrides)
+    result = run_label_efficiency(repo_path(SEG_CONFIG), ar_run, folder, ratios=ratios, seeds=seeds, overrides=overrides)
     seconds = time.perf_counter() - t
     low = min(ratios)
-    runs = {(r["arm"], r["ratio"]): r for r in result["runs"]}
+    runs = [r for r in result["runs"] if (r["arm"], r["ratio"], r["seed"]) in wanted]
+    stats = {(r["arm"], r["ratio"]): r for r in result["summary"]}
+    paired = next(p for p in result["paired"] if p["ratio"] == low)
+    first = {(r["arm"], r["ratio"]): r for r in runs if r["seed"] == seeds[0]}
     figure = folder / "overlays.png"
     if not (done and figure.is_file()):
         plot_seg_overlays(folder, low, figure)
-    return {"ratio": low, "ratios": list(ratios), "steps": s["seg_steps"],
-            "dice": {arm: runs[(arm, low)]["mean_dice"] for arm in ("scratch", "pretrained")},
-            "dice_per_class": {arm: runs[(arm, low)]["dice_per_class"] for arm in ("scratch", "pretrained")},
-            "table": [{"ratio": r, "n_train": runs[("scratch", r)]["n_train"],
-                       **{arm: runs[(arm, r)]["mean_dice"] for arm in ("scratch", "pretrained")}} for r in ratios],
-            "train_seconds": sum(r["seconds"] for r in result["runs"]),
-            "steps_per_s": len(result["runs"]) * s["seg_steps"] / sum(r["seconds"] for r in result["runs"]),
+    return {"ratio": low, "ratios": list(ratios), "seeds": list(seeds), "steps": s["seg_steps"],
+            "dice": {arm: stats[(arm, low)]["mean"] for arm in ("scratch", "pretrained")},
+            "dice_sd": {arm: stats[(arm, low)]["std"] for arm in ("scratch", "pretrained")},
+            "dice_per_class": {arm: first[(arm, low)]["dice_per_class"] for arm in ("scratch", "pretrained")},
+            "paired": paired, "verdict": seg_verdict(paired),
+            "table": [{"ratio": r, "n_train": first[("scratch", r)]["n_train"],
+                       **{arm: stats[(arm, r)]["mean"] for arm in ("scratch", "pretrained")},
+                       **{f"{arm}_sd": stats[(arm, r)]["std"] for arm in ("scratch", "pretrained")}} for r in ratios],
+            "train_seconds": sum(r["seconds"] for r in runs),
+            "steps_per_s": len(runs) * s["seg_steps"] / max(1e-9, sum(r["seconds"] for r in runs)),
             "seconds": seconds, "reused": done, "figure": str(figure), "plot": str(folder / "label_efficiency.png"),
             "command": f"voxseq experiment label-efficiency --config {SEG_CONFIG} --init {ar_run} --out SEG "
-                       f"--ratios {','.join(f'{r:g}' for r in ratios)} --seeds 0 " + " ".join(overrides)}
+                       f"--ratios {','.join(f'{r:g}' for r in ratios)} --seeds {','.join(map(str, seeds))} "
+                       + " ".join(overrides)}
+
+
+def seg_verdict(paired: dict[str, Any]) -> str:
+    """One line on pretrained minus scratch: ahead or behind by more than 2 sd of the paired differences,
+    or within noise (and why that is expected at the demo's budget)."""
+    m, sd, n = paired["mean"], paired["std"], len(paired["seeds"])
+    if n >= 2 and abs(m) > 2 * sd:
+        return f"pretrained {'ahead of' if m > 0 else 'behind'} scratch by {m:+.3f} Dice, more than 2 sd ({sd:.3f}) of {n} paired seeds"
+    return (f"pretrained and scratch within noise ({m:+.3f} +- {sd:.3f} Dice over {n} paired seeds): the demo's "
+            "pretraining and fine-tuning are minutes long; docs/reproducing.md has the comparison at a longer budget")
+
+
+def step_probe(out: Path, s: dict[str, Any], ar_run: Path, upstream_reused: bool) -> dict[str, Any]:
+    """Per-token linear probe of every phantom organ: the AR encoder against a random one of its
+    architecture, on the segmentation step's volumes (training phantoms fit, validation and test scored)."""
+    from voxseq.tasks.experiments import run_token_probe
+
+    folder = out / "probe"
+    _drop_stale(folder, upstream_reused)
+    done = (folder / "token_probe.json").is_file()
+    t = time.perf_counter()
+    overrides = [*seg_overrides(out, s), f"data.cache={out / 'seg' / 'cache'}", "data.label_map={}"]
+    r = json.loads((folder / "token_probe.json").read_text()) if done else \
+        run_token_probe(repo_path(SEG_CONFIG), ar_run, folder, overrides, max_tokens=s["probe_tokens"])
+    return {"layer": r["layer"], "pretrained": r["pretrained"]["balanced_accuracy"],
+            "random": r["random"]["balanced_accuracy"], "test_tokens": r["pretrained"]["test_tokens"],
+            "seconds": time.perf_counter() - t, "reused": done, "plot": str(folder / "probe_layers.png"),
+            "command": f"voxseq experiment linear-probe --config {SEG_CONFIG} --init {ar_run} --out PROBE "
+                       + " ".join(overrides)}
 
 
 def plot_seg_overlays(folder: Path, ratio: float, path: Path) -> Path:
@@ -226,10 +268,12 @@ def plot_seg_overlays(folder: Path, ratio: float, path: Path) -> Path:
     from voxseq.tasks.finetune_seg import dice_per_class, load_seg_model, sliding_predict
     from voxseq.train.plots import plot_label_overlays
 
-    cache = Cache(folder / "cache")
-    maps, val_id = {}, None
+    maps, val_id, cache, label_map = {}, None, None, {}
     for arm in ("scratch", "pretrained"):
         model, _, meta = load_seg_model(folder / f"{arm}_r{ratio}_s0")
+        if cache is None:  # the classes the runs were trained on (a label_map merges organs)
+            label_map = {int(k): int(v) for k, v in meta["config"]["data"].get("label_map", {}).items()}
+            cache = Cache(folder / "cache", label_map=label_map or None)
         val_id = meta["val_ids"][0]
         i = cache.ids.index(val_id)
         pred = sliding_predict(model, np.asarray(cache.image(i)), meta["config"]["roi_zyx"], meta["config"]["overlap"])
@@ -240,8 +284,10 @@ def plot_seg_overlays(folder: Path, ratio: float, path: Path) -> Path:
     organ_z = np.flatnonzero((label > 1).any(axis=(1, 2)))  # slices that show an organ, not only the body
     slices = [int(organ_z[int(q * (len(organ_z) - 1))]) for q in (0.2, 0.5, 0.8)]
     maps = {"ground truth": label, **maps}
-    return plot_label_overlays(np.asarray(cache.image(i), dtype=np.float32)[0], maps,
-                               {v: k for k, v in ORGANS.items()}, slices, path,
+    names = {v: k for k, v in ORGANS.items()} if not label_map else \
+        {c: "/".join(k for k, v in ORGANS.items() if label_map.get(v) == c) for c in sorted(set(label_map.values()))}
+    return plot_label_overlays(np.asarray(cache.image(i), dtype=np.float32)[0], maps, {0: "background", **names},
+                               slices, path,
                                title=f"UNETR on {val_id} (validation), trained on {ratio:g} of the labels")
 
 
@@ -280,7 +326,7 @@ def heldout_manifest(out: Path, s: dict[str, Any]) -> Path:
     if (folder / "manifest.jsonl").is_file():
         return folder / "manifest.jsonl"
     return write_phantoms(folder, n_ct=s["n_heldout"], n_mri=0, seed=1, size_xy=96, max_slices=s["max_slices"],
-                          progress=False)
+                          progress=False, version=PHANTOM_VERSION)
 
 
 def step_zero_shot(out: Path, s: dict[str, Any], vlp_run: Path, upstream_reused: bool) -> dict[str, Any]:
@@ -330,11 +376,16 @@ def _img_tag(path: Path, alt: str) -> str:
 def report_tables(m: dict[str, Any]) -> list[tuple[str, list[str], list[list[Any]]]]:
     """(title, header, rows) of every table in the report, shared by the markdown and the HTML page."""
     pre, seg, vlp, zs, rt = m["pretrain"], m["segmentation"], m["vlp"], m["zero_shot"], m["retrieval"]
+    probe = m["probe"]
     f3 = lambda v: "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"  # noqa: E731
+    pm = lambda arm, r: f"{f3(r[arm])} +- {f3(r[f'{arm}_sd'])}"  # noqa: E731
     summary = [["volumes in cache", m["data"]["volumes"]],
                ["AR loss (first -> last 10% of steps)", f"{pre['loss_start']:.4f} -> {pre['loss_end']:.4f} ({pre['loss_drop']:.1%} lower)"],
-               [f"segmentation Dice at {seg['ratio']:g} of the labels (scratch / pretrained)",
-                f"{f3(seg['dice']['scratch'])} / {f3(seg['dice']['pretrained'])}"],
+               [f"segmentation Dice at {seg['ratio']:g} of the labels, {len(seg['seeds'])} seeds (scratch / pretrained)",
+                f"{pm('scratch', seg['table'][0])} / {pm('pretrained', seg['table'][0])}"],
+               ["pretrained minus scratch, paired by seed", f"{seg['paired']['mean']:+.3f} +- {seg['paired']['std']:.3f}"],
+               [f"per-token organ probe, balanced accuracy at block {probe['layer']} (AR / random init)",
+                f"{f3(probe['pretrained'])} / {f3(probe['random'])}"],
                ["SigVLP loss (first -> last 10% of steps)", f"{vlp['loss_start']:.4f} -> {vlp['loss_end']:.4f} ({vlp['loss_drop']:.1%} lower)"],
                ["zero-shot abnormality mean AUROC", f3(zs["mean_auc"])],
                ["zero-shot organ top-1 (random organ; most frequent organ)",
@@ -346,12 +397,17 @@ def report_tables(m: dict[str, Any]) -> list[tuple[str, list[str], list[list[Any
                ["2 sequences", f"{m['sequences']['seconds']:.1f}", False, "3 sequence kinds drawn"],
                ["3 AR pretraining", f"{pre['seconds']:.1f}", pre["reused"], f"{pre['steps']} steps, {pre['tokens_per_s']:.0f} tokens/s"],
                ["4 segmentation", f"{seg['seconds']:.1f}", seg["reused"],
-                f"{2 * len(seg['ratios'])} runs x {seg['steps']} steps in {seg['train_seconds']:.0f} s, {seg['steps_per_s']:.2f} steps/s"],
+                f"{2 * len(seg['ratios']) * len(seg['seeds'])} runs x {seg['steps']} steps in {seg['train_seconds']:.0f} s, "
+                f"{seg['steps_per_s']:.2f} steps/s"],
+               ["4b token probe", f"{probe['seconds']:.1f}", probe["reused"], f"{probe['test_tokens']} test tokens"],
                ["5 SigVLP pretraining", f"{vlp['seconds']:.1f}", vlp["reused"],
                 f"{vlp['steps']} steps in {vlp['train_seconds']:.0f} s, {vlp['chunks_per_s']:.1f} chunks/s, {vlp['tokens_per_s']:.0f} tokens/s"],
                ["6a zero-shot", f"{zs['seconds']:.1f}", zs["reused"], f"{zs['n_volumes']} volumes, {zs['organ_chunks']} chunks"],
                ["6b retrieval", f"{rt['seconds']:.1f}", rt["reused"], f"{rt['n']} volumes and reports"]]
-    label_eff = [[f"{r['ratio']:g}", r["n_train"], f3(r["scratch"]), f3(r["pretrained"])] for r in seg["table"]]
+    label_eff = [[f"{r['ratio']:g}", r["n_train"], pm("scratch", r), pm("pretrained", r)] for r in seg["table"]]
+    headlines = [["AR pretraining -> segmentation", seg["verdict"]],
+                 ["AR pretraining -> token probe", probe_verdict(probe)],
+                 ["SigVLP -> zero-shot findings", zero_shot_verdict(zs)]]
     zero_shot = [[k, zs["positives"][k], f3(v)] for k, v in zs["auc"].items()] + [["mean", "", f3(zs["mean_auc"])]]
     organ = [["top-1 accuracy", f3(zs["organ_top1"]), f3(zs["organ_chance"])],
              ["top-1 accuracy, always the most frequent organ", "", f3(zs["organ_majority"])],
@@ -360,12 +416,29 @@ def report_tables(m: dict[str, Any]) -> list[tuple[str, list[str], list[list[Any
     retrieval = [[d.replace("_", " "), *[f3(rt[d][k]) for k in ks]] for d in ("volume_to_report", "report_to_volume", "chance")]
     for row in timings:
         row[2] = "yes" if row[2] else "no"
-    return [("Results", ["result", "value"], summary),
+    return [("Headlines", ["what", "verdict"], headlines), ("Results", ["result", "value"], summary),
             ("Timings and throughput per step (this run)", ["step", "wall time (s)", "reused", "throughput"], timings),
-            ("Label efficiency: validation mean Dice, UNETR", ["label ratio", "training volumes", "scratch", "pretrained (AR)"], label_eff),
+            (f"Label efficiency: mean Dice on the validation and test phantoms, UNETR, mean +- sd over seeds {seg['seeds']}",
+             ["label ratio", "training volumes", "scratch", "pretrained (AR)"], label_eff),
             (f"Zero-shot abnormality classification ({zs['n_volumes']} held-out volumes)", ["label", "positives", "AUROC"], zero_shot),
             (f"Zero-shot organ classification ({zs['organ_chunks']} held-out chunks)", ["metric", "SigVLP", "chance"], organ),
             (f"Retrieval ({rt['n']} held-out volumes and their reports)", ["direction", *ks], retrieval)]
+
+
+def probe_verdict(probe: dict[str, Any]) -> str:
+    d = probe["pretrained"] - probe["random"]
+    if d >= 0.05:
+        return f"AR features ahead of a random encoder's by {d:+.3f} balanced accuracy"
+    return (f"AR features {d:+.3f} against a random encoder's: below the +0.05 that counts as learned at this "
+            "budget (minutes of pretraining; docs/reproducing.md has longer runs)")
+
+
+def zero_shot_verdict(zs: dict[str, Any]) -> str:
+    auc = zs["mean_auc"]
+    if auc is None or abs(auc - 0.5) < 0.1:
+        return (f"abnormality mean AUROC {'n/a' if auc is None else f'{auc:.3f}'} is at chance: volume scores from "
+                "a few dozen SigVLP steps on a few phantoms do not carry findings (docs/reproducing.md, SigVLP)")
+    return f"abnormality mean AUROC {auc:.3f}"
 
 
 def _md_table(title: str, header: list[str], rows: list[list[Any]]) -> list[str]:
@@ -415,6 +488,7 @@ def report_figures(out: Path, m: dict[str, Any]) -> list[tuple[Path, str]]:
                (Path(seg["figure"]), "Segmentation of a validation volume: ground truth and each arm's prediction")]
     if len(seg["ratios"]) > 1:
         figures.append((Path(seg["plot"]), "Label efficiency: validation Dice over the fraction of training labels"))
+    figures.append((Path(m["probe"]["plot"]), "Per-token organ probe by layer: AR encoder against a random one"))
     return figures + [(vlp / "plots" / "loss_curve.png", "SigVLP loss (SigLIP) and learning rate"),
                       (vlp / "plots" / "similarity.png", "SigVLP chunk-text similarity"),
                       (Path(m["zero_shot"]["figure"]), "Zero-shot abnormality classification: ROC curves on held-out phantoms")]
@@ -425,6 +499,7 @@ def report_commands(m: dict[str, Any], s: dict[str, Any]) -> list[tuple[str, str
             ("cache", f"voxseq prepare PHANTOMS/manifest.jsonl --out CACHE --config {AR_CONFIG}"),
             ("AR pretraining", m["pretrain"]["command"]),
             ("segmentation, pretrained versus scratch", m["segmentation"]["command"]),
+            ("per-token probe", m["probe"]["command"]),
             ("SigVLP pretraining", m["vlp"]["command"]),
             ("zero-shot classification", m["zero_shot"]["command"]),
             ("retrieval", m["retrieval"]["command"])]
@@ -456,10 +531,13 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, fresh: bool = F
     _say(f"    loss {pre['loss_start']:.3f} -> {pre['loss_end']:.3f} ({pre['loss_drop']:.0%} lower), "
          f"{pre['tokens_per_s']:.0f} tokens/s")
     _say(f"4/7 segmentation: UNETR on the CT organs, label ratio {', '.join(f'{r:g}' for r in s['seg_ratios'])}, "
-         f"{s['seg_steps']} steps, encoder from the AR run versus from scratch")
+         f"{s['seg_steps']} steps, seeds {', '.join(map(str, s['seg_seeds']))}, encoder from the AR run versus from "
+         "scratch; then the per-token probe")
     seg = m["segmentation"] = _timed("segmentation", step_segmentation, out, s, Path(pre["run"]), pre["reused"])
-    _say(f"    validation Dice at {seg['ratio']:g} of the labels: scratch {seg['dice']['scratch']:.3f}, "
-         f"pretrained {seg['dice']['pretrained']:.3f}")
+    _say(f"    Dice at {seg['ratio']:g} of the labels over {len(seg['seeds'])} seeds: scratch {seg['dice']['scratch']:.3f}, "
+         f"pretrained {seg['dice']['pretrained']:.3f}; {seg['verdict']}")
+    probe = m["probe"] = _timed("token probe", step_probe, out, s, Path(pre["run"]), pre["reused"])
+    _say(f"    per-token organ probe at block {probe['layer']}: AR {probe['pretrained']:.3f}, random {probe['random']:.3f}")
     _say(f"5/7 SigVLP pretraining: {s['n_ct']} CT phantoms, {s['vlp_steps']} steps of {s['vlp_chunks']} chunk-text pairs")
     vlp = m["vlp"] = _timed("SigVLP pretraining", step_vlp, out, s, m["data"]["reused"])
     _say(f"    loss {vlp['loss_start']:.3f} -> {vlp['loss_end']:.3f} ({vlp['loss_drop']:.0%} lower)")

@@ -389,8 +389,8 @@ def run_compare(config: str | Path, out: str | Path, ar: str | Path | None = Non
     loaded = {name: encoder_from_checkpoint(path) for name, path in (("ar", ar), ("mae", mae)) if path}
     _check_same_setup({name: (enc, pre) for name, (enc, pre, _, _) in loaded.items()})
     done_path = out / "compare.json"
-    previous = {(r["arm"], r["ratio"], r["seed"]): r for r in json.loads(done_path.read_text())["runs"]} \
-        if done_path.is_file() else {}
+    before = json.loads(done_path.read_text()) if done_path.is_file() else {}
+    previous = {(r["arm"], r["ratio"], r["seed"]): r for r in before.get("runs", [])}
     result: dict[str, Any] = {"config": str(config), "ar": ar, "mae": mae, "arms": [a.name for a in arm_list],
                               "ratios": list(ratios), "seeds": list(seeds), "overrides": list(overrides or [])}
 
@@ -400,7 +400,9 @@ def run_compare(config: str | Path, out: str | Path, ar: str | Path | None = Non
         result["paired"] = {a.name: paired_differences(runs, a.name) for a in arm_list if a.name != "scratch"}
         _write_compare(out, result)
 
-    result["probe"] = None
+    wanted = {(a.name, ratio, seed) for a in arm_list for ratio in ratios for seed in seeds}
+    kept = [r for key, r in previous.items() if key not in wanted and key[0] in result["arms"]]  # other seeds stay
+    result["probe"] = before.get("probe")  # --no-probe keeps an earlier run's probe
     if probe:  # first: it takes minutes where the fine-tunings take tens of minutes
         first = next(iter(loaded.values()))
         torch.manual_seed(0)
@@ -414,9 +416,8 @@ def run_compare(config: str | Path, out: str | Path, ar: str | Path | None = Non
         probe_out["best_layer"] = {k: max(c, key=lambda n: c[n]["balanced_accuracy"]) for k, c in probe_out["layers"].items()}
         result["probe"] = probe_out
         _plot_probe_layers(probe_out, out / "probe_layers.png")
+        write(kept + [r for key, r in previous.items() if key in wanted])  # the probe's numbers before the runs
     # the probe prepared out/cache with the runs' preprocessing; the fine-tunings share it
-    wanted = {(a.name, ratio, seed) for a in arm_list for ratio in ratios for seed in seeds}
-    kept = [r for key, r in previous.items() if key not in wanted and key[0] in result["arms"]]  # other seeds stay
     runs = run_arms(config, out, arm_list, ratios, seeds, overrides, progress, lambda rs: write(kept + rs), jobs,
                     previous)
     write(kept + runs)
