@@ -411,9 +411,7 @@ def label_efficiency(
     _reads_config_data()
     r_list, s_list = _numbers(ratios, float, "--ratios"), _numbers(seeds, int, "--seeds")
     res = run_label_efficiency(config, init, out, r_list, s_list, list(overrides or []))
-    for row in res["summary"]:
-        typer.echo(f"ratio {row['ratio']:g} {row['arm']:10s} Dice {row['mean']:.4f} +- {row['std']:.4f} (n={row['n']})")
-    typer.echo(f"-> {out / 'results.md'}")
+    _echo_dice_summary(res["summary"], out / "results.md")
 
 
 @experiment_app.command("linear-probe")
@@ -466,9 +464,7 @@ def compare(
     if res["probe"]:
         p = res["probe"]
         typer.echo("probe " + "  ".join(f"{k} {v:.4f} (layer {p['headline_layer'][k]})" for k, v in p["headline"].items()))
-    for row in res["summary"]:
-        typer.echo(f"ratio {row['ratio']:g} {row['arm']:14s} Dice {row['mean']:.4f} +- {row['std']:.4f} (n={row['n']})")
-    typer.echo(f"-> {out / 'compare.md'}")
+    _echo_dice_summary(res["summary"], out / "compare.md")
 
 
 @experiment_app.command("ablation")
@@ -498,6 +494,12 @@ def ablation(
         pr = res.get("probe", {}).get("random" if name == "scratch" else name)
         typer.echo(f"{name:18s} probe {'-' if pr is None else f'{pr:.4f}'}  Dice {dice.get(name, float('nan')):.4f}")
     typer.echo(f"-> {out / 'ablation.md'}")
+
+
+def _echo_dice_summary(rows: list[dict], table: Path) -> None:
+    for row in rows:
+        typer.echo(f"ratio {row['ratio']:g} {row['arm']:14s} Dice {row['mean']:.4f} +- {row['std']:.4f} (n={row['n']})")
+    typer.echo(f"-> {table}")
 
 
 def _numbers(text: str, kind, flag: str) -> list:
