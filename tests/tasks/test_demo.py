@@ -28,7 +28,7 @@ def test_demo_quick_end_to_end(tmp_path):
     # pretrained minus scratch paired by seed, with the spread, and a verdict that follows from them
     assert seg["seeds"] == [0, 1] and seg["paired"]["seeds"] == [0, 1]
     assert seg["paired"]["mean"] == pytest.approx(seg["dice"]["pretrained"] - seg["dice"]["scratch"])
-    strong = abs(seg["paired"]["mean"]) > 2 * seg["paired"]["std"]
+    strong = abs(seg["paired"]["mean"]) > max(2 * seg["paired"]["std"], 0.005)
     assert seg["verdict"].startswith("pretrained and scratch within noise") != strong
     probe = m["probe"]  # per-token organ probe: the AR encoder's middle block against a random encoder's
     assert probe["layer"] == 3 and probe["test_tokens"] > 100

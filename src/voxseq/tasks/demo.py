@@ -8,7 +8,8 @@ redoes them all):
   4. seg        - UNETR fine-tuning on the CT phantoms' organs at 10% of the labels over seeds, encoder from
                   the AR run versus from scratch paired by seed (configs/seg_phantom_v2.yaml), an overlay figure,
                   and the per-token organ probe of the AR encoder against a random one
-  5. VLP        - SigVLP pretraining on the same CT phantoms (configs/vlp_tiny.yaml preprocessing)
+  5. VLP        - SigVLP pretraining on CT phantoms of SigVLP's proxy (version 1, configs/vlp_tiny.yaml
+                  preprocessing)
   6. zero-shot  - abnormality and organ classification (configs/prompts_phantom.yaml) and volume <-> report
                   retrieval on held-out phantoms of another seed
   7. report     - report.md, a self-contained report.html and metrics.json in the demo folder
@@ -37,7 +38,8 @@ SEG_CONFIG = "configs/seg_phantom_v2.yaml"
 VLP_CONFIG = "configs/vlp_tiny.yaml"
 PROMPTS = "configs/prompts_phantom.yaml"
 RETRIEVAL_KS = (1, 5, 10)
-PHANTOM_VERSION = 2  # the CPU proxy of docs/reproducing.md: organs told apart by texture, shape and place
+PHANTOM_VERSION = 2  # AR-SSL4M's CPU proxy (docs/reproducing.md): organs told apart by texture, shape and place
+VLP_PHANTOM_VERSION = 1  # SigVLP's proxy: findings and organs as its docs measure them
 
 
 def _say(msg: str) -> None:
@@ -237,7 +239,7 @@ def seg_verdict(paired: dict[str, Any]) -> str:
     """One line on pretrained minus scratch: ahead or behind by more than 2 sd of the paired differences,
     or within noise (and why that is expected at the demo's budget)."""
     m, sd, n = paired["mean"], paired["std"], len(paired["seeds"])
-    if n >= 2 and abs(m) > 2 * sd:
+    if n >= 2 and abs(m) > 2 * sd and abs(m) >= 0.005:  # and a difference worth a word
         return f"pretrained {'ahead of' if m > 0 else 'behind'} scratch by {m:+.3f} Dice, more than 2 sd ({sd:.3f}) of {n} paired seeds"
     return (f"pretrained and scratch within noise ({m:+.3f} +- {sd:.3f} Dice over {n} paired seeds): the demo's "
             "pretraining and fine-tuning are minutes long; docs/reproducing.md has the comparison at a longer budget")
@@ -295,14 +297,15 @@ def plot_seg_overlays(folder: Path, ratio: float, path: Path) -> Path:
 
 
 def step_vlp(out: Path, s: dict[str, Any], upstream_reused: bool) -> dict[str, Any]:
-    """SigVLP on the CT phantoms of step 1, prepared into its own cache with the vlp config's preprocessing."""
+    """SigVLP on CT phantoms of its own proxy (version 1, the seed of step 1), prepared into its own cache with
+    the vlp config's preprocessing."""
     from voxseq.tasks.pretrain_vlp import load_vlp_config, run_pretrain_vlp
     from voxseq.train.metrics import read_metrics
 
     run = out / "vlp_pretrain"
     _drop_stale(run, upstream_reused)
     steps = s["vlp_steps"]
-    overrides = [f"data.source={ct_manifest(phantom_folder(out, s))}", "data.phantoms.n_ct=0", f"max_steps={steps}",
+    overrides = [f"data.source={vlp_manifest(out, s)}", "data.phantoms.n_ct=0", f"max_steps={steps}",
                  f"chunks_per_batch={s['vlp_chunks']}", f"chunks.max_slices={s['vlp_max_slices']}", f"warmup_steps={max(3, steps // 10)}",
                  f"checkpoint_every={max(10, steps // 2)}"]
     cfg = load_vlp_config(repo_path(VLP_CONFIG), overrides)
@@ -318,15 +321,26 @@ def step_vlp(out: Path, s: dict[str, Any], upstream_reused: bool) -> dict[str, A
             "command": f"voxseq pretrain vlp --config {VLP_CONFIG} --out VLP " + " ".join(overrides)}
 
 
+def vlp_manifest(out: Path, s: dict[str, Any]) -> Path:
+    """CT phantoms of SigVLP's own proxy (version 1), as many as step 1 wrote, from the same seed."""
+    from voxseq.data.phantoms import write_phantoms
+
+    folder = out / f"phantoms_vlp_ct{s['n_ct']}_{s['size_xy']}_v{VLP_PHANTOM_VERSION}"
+    if (folder / "manifest.jsonl").is_file():
+        return folder / "manifest.jsonl"
+    return write_phantoms(folder, n_ct=s["n_ct"], n_mri=0, seed=0, size_xy=s["size_xy"], max_slices=s["max_slices"],
+                          progress=False, version=VLP_PHANTOM_VERSION)
+
+
 def heldout_manifest(out: Path, s: dict[str, Any]) -> Path:
     """CT phantoms of another seed than every training volume: what zero-shot and retrieval are scored on."""
     from voxseq.data.phantoms import write_phantoms
 
-    folder = out / "heldout"
+    folder = out / f"heldout_v{VLP_PHANTOM_VERSION}"
     if (folder / "manifest.jsonl").is_file():
         return folder / "manifest.jsonl"
     return write_phantoms(folder, n_ct=s["n_heldout"], n_mri=0, seed=1, size_xy=96, max_slices=s["max_slices"],
-                          progress=False, version=PHANTOM_VERSION)
+                          progress=False, version=VLP_PHANTOM_VERSION)
 
 
 def step_zero_shot(out: Path, s: dict[str, Any], vlp_run: Path, upstream_reused: bool) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from voxseq import VoxseqError
-from voxseq.tasks.finetune_seg import load_seg_config, run_finetune_seg
+from voxseq.tasks.finetune_seg import labelled_splits, load_seg_config, run_finetune_seg
 
 
 @dataclass(frozen=True)
@@ -248,8 +248,12 @@ def probe_encoders(config: str | Path, out: Path, encoders: dict[str, Any], pre,
     cache = open_cache(Path(cfg.data.cache) if cfg.data.cache else out / "cache", None,
                        cfg.data.label_map if label_map else None)
     labelled = [i for i in range(len(cache)) if cache.entry(i).get("has_label")]
-    train = [i for i in labelled if cache.entry(i)["split"] == "train"]
-    test = [i for i in labelled if cache.entry(i)["split"] in cfg.eval_splits]
+    splits = labelled_splits(cache, labelled, cfg.seed)  # as fine-tuning splits them
+    train = [i for i in labelled if splits[i] == "train"]
+    test = [i for i in labelled if splits[i] in cfg.eval_splits]
+    if not train or not test:
+        raise VoxseqError(f"the probe needs labelled training and evaluation ({', '.join(cfg.eval_splits)}) volumes; "
+                          f"found {len(train)} and {len(test)}")
     depth = next(iter(encoders.values())).num_layers
     layers: list = [*range(1, depth + 1), "last", "mean"]
     result: dict[str, Any] = {"n_train_volumes": len(train), "n_test_volumes": len(test), "layers": {}, "tokens": {}}

@@ -52,6 +52,11 @@ class SegConfig:
     # how that voxel is drawn: "foreground" (any labelled voxel: large organs dominate) or "class_balanced"
     # (a class present in the volume first, uniformly, then one of its voxels: small organs get crops too)
     crop_sampling: str = "foreground"
+    # the Dice part of the DiceCE loss: over the whole batch (nnU-Net's batch Dice) rather than crop by crop,
+    # where a class absent from a crop costs the full Dice for any probability it gets; and with or without
+    # the background class
+    dice_batch: bool = False
+    dice_background: bool = True
     label_ratio: float = 1.0  # fraction of the training cases used (fixed-seed subset)
     freeze_encoder: bool = False  # train the decoder only, on the encoder's features as they are
     batch_size: int = 2
@@ -81,6 +86,16 @@ class SegConfig:
         if top >= self.unetr.out_channels:
             raise VoxseqError(f"data.label_map maps labels to {top}, but unetr.out_channels is {self.unetr.out_channels} "
                               f"(classes 0..{self.unetr.out_channels - 1})")
+
+
+def labelled_splits(cache, labelled: list[int], seed: int) -> dict[int, str]:
+    """The split of each labelled volume; with no validation volume among them, a fixed-seed 80/20
+    train/val split of them (so that something is scored)."""
+    splits = {i: cache.entry(i)["split"] for i in labelled}
+    if not any(s == "val" for s in splits.values()):
+        auto = split_ids([cache.entry(i)["id"] for i in labelled], (0.8, 0.2, 0.0), seed=seed)
+        splits = {i: auto[cache.entry(i)["id"]] if auto[cache.entry(i)["id"]] != "test" else "val" for i in labelled}
+    return splits
 
 
 def load_seg_config(path, overrides=None) -> SegConfig:
@@ -182,16 +197,13 @@ class SegTask(FinetuneTask):
         labelled = [i for i in range(len(cache)) if cache.entry(i).get("has_label")]
         if not labelled:
             raise VoxseqError("no labelled volumes in the cache: segmentation needs labels")
-        ids = [cache.entry(i)["id"] for i in labelled]
-        splits = {i: cache.entry(i)["split"] for i in labelled}
-        if not any(s == "val" for s in splits.values()):  # no validation split given: make one, fixed seed
-            auto = split_ids(ids, (0.8, 0.2, 0.0), seed=cfg.seed)
-            splits = {i: auto[cache.entry(i)["id"]] if auto[cache.entry(i)["id"]] != "test" else "val" for i in labelled}
+        splits = labelled_splits(cache, labelled, cfg.seed)
         train = [i for i in labelled if splits[i] == "train"]
         keep = label_subset([cache.entry(i)["id"] for i in train], cfg.label_ratio, cfg.seed)
         self.train = [i for i in train if cache.entry(i)["id"] in keep]
         self.val = [i for i in labelled if splits[i] in cfg.eval_splits]
-        self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+        self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=cfg.dice_batch,
+                                  include_background=cfg.dice_background)
         self._meta = {"task": "finetune-seg", "config": to_dict(cfg), "model": to_dict(cfg.model),
                       "unetr": to_dict(cfg.unetr), "preprocess": to_dict(cfg.data.preprocess),
                       "model_class": model_class_name(UNETR3D),
