@@ -47,6 +47,20 @@ def seg_cache(tmp_path_factory) -> Path:
     return run / "cache"
 
 
+def test_finetune_seg_class_balanced_batch_dice_resumes_bit_for_bit(tmp_path, seg_cache):
+    """Class-balanced crop centres are drawn from per-class voxel samples kept with the checkpoint."""
+    common = ["finetune", "seg", "--config", str(SEG), *SEG_TINY, "max_steps=6", "checkpoint_every=3",
+              "crop_sampling=class_balanced", "pos_fraction=1.0", "dice_batch=true", "dice_background=false",
+              f"data.cache={seg_cache}"]
+    assert main([*common, "--out", str(tmp_path / "full")]) == 0
+    assert main([*common, "--out", str(tmp_path / "cut")]) == 0
+    _cut_after(tmp_path / "cut", 3, 6, 3)
+    assert main([*common, "--out", str(tmp_path / "cut"), "--resume"]) == 0
+    assert _rows(tmp_path / "cut") == _rows(tmp_path / "full")
+    state = load_checkpoint(tmp_path / "cut").training_state()
+    assert state["fg_classes"] and all(v.shape[1] == 3 for v in state["fg_classes"].values())
+
+
 def test_finetune_seg_resume_is_bit_for_bit(tmp_path, seg_cache, capsys):
     common = ["finetune", "seg", "--config", str(SEG), *SEG_TINY, "max_steps=8", "checkpoint_every=4", "eval_every=4",
               f"data.cache={seg_cache}"]
