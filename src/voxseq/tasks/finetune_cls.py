@@ -59,15 +59,13 @@ class ClsConfig:
 
 
 def binary_metrics(scores: np.ndarray, labels: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
-    """AUC (scikit-learn), and accuracy, sensitivity, specificity at ``threshold`` on the probability."""
-    from sklearn.metrics import roc_auc_score
+    """AUC, and accuracy, sensitivity, specificity at the fixed ``threshold`` on the probability: the one
+    binary report of ``voxseq.eval.metrics`` with rule "fixed" (fine-tuning has no held-out set to choose
+    an operating point on)."""
+    from voxseq.eval.metrics import binary_report
 
-    pred = scores >= threshold
-    pos, neg = labels == 1, labels == 0
-    auc = float(roc_auc_score(labels, scores)) if pos.any() and neg.any() else float("nan")
-    return {"auc": auc, "acc": float((pred == pos).mean()),
-            "sensitivity": float(pred[pos].mean()) if pos.any() else float("nan"),
-            "specificity": float((~pred[neg]).mean()) if neg.any() else float("nan")}
+    r = binary_report(labels, scores, rule="fixed", threshold=threshold)
+    return {k: r[k] for k in ("auc", "acc", "sensitivity", "specificity")}
 
 
 def _volume_tensor(cache, i: int, size) -> torch.Tensor:
