@@ -58,10 +58,7 @@ def run_arms(config: str | Path, out: Path, arms: list[Arm], ratios, seeds, over
 
     if jobs <= 1:
         for arm, ratio, seed in todo:
-            cfg = _arm_config(config, out, arm, ratio, seed, overrides)
-            r = run_finetune_seg(cfg, out / f"{arm.name}_r{ratio}_s{seed}", init=arm.init,
-                                 load_weights=arm.load_weights, progress=progress, resume=True)
-            runs.append(row(arm, ratio, seed, r))
+            runs.append(row(arm, ratio, seed, _fine_tune_arm(config, out, arm, ratio, seed, overrides, progress)))
             on_result(runs)
         return runs
     import multiprocessing as mp
@@ -79,9 +76,12 @@ def run_arms(config: str | Path, out: Path, arms: list[Arm], ratios, seeds, over
     return runs
 
 
-def _arm_config(config, out: Path, arm: Arm, ratio: float, seed: int, overrides):
-    return load_seg_config(config, list(overrides or []) + [
+def _fine_tune_arm(config, out: Path, arm: Arm, ratio: float, seed: int, overrides, progress: bool) -> dict[str, Any]:
+    """One fine-tuning of a table: ``out/<arm>_r<ratio>_s<seed>`` on the shared cache, resumed if cut."""
+    cfg = load_seg_config(config, list(overrides or []) + [
         f"label_ratio={ratio}", f"seed={seed}", f"data.cache={out / 'cache'}", f"freeze_encoder={str(arm.freeze).lower()}"])
+    return run_finetune_seg(cfg, out / f"{arm.name}_r{ratio}_s{seed}", init=arm.init, load_weights=arm.load_weights,
+                            progress=progress, resume=True)
 
 
 def _arm_job(config: str, out: str, arm: Arm, ratio: float, seed: int, overrides: list[str], threads: int):
@@ -89,9 +89,7 @@ def _arm_job(config: str, out: str, arm: Arm, ratio: float, seed: int, overrides
     import torch
 
     torch.set_num_threads(threads)
-    cfg = _arm_config(config, Path(out), arm, ratio, seed, overrides)
-    return run_finetune_seg(cfg, Path(out) / f"{arm.name}_r{ratio}_s{seed}", init=arm.init,
-                            load_weights=arm.load_weights, progress=False, resume=True)
+    return _fine_tune_arm(config, Path(out), arm, ratio, seed, overrides, progress=False)
 
 
 def _prepare_shared_cache(config, out: Path, init: str, overrides, progress: bool) -> None:
@@ -105,13 +103,17 @@ def _prepare_shared_cache(config, out: Path, init: str, overrides, progress: boo
     ensure_cache(cfg.data, out, progress)
 
 
+def _earlier_rows(path: Path) -> tuple[dict[str, Any], dict[tuple, dict[str, Any]]]:
+    """An experiment's earlier table (``results.json``, ``compare.json``, ...) and its runs by (arm, ratio, seed)."""
+    before = json.loads(path.read_text()) if path.is_file() else {}
+    return before, {(r["arm"], r["ratio"], r["seed"]): r for r in before.get("runs", [])}
+
+
 def run_label_efficiency(config: str | Path, init: str | Path, out: str | Path, ratios=(0.1, 1.0), seeds=(0, 1, 2),
                          overrides: list[str] | None = None, progress: bool = True, jobs: int = 1) -> dict[str, Any]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    done_path = out / "results.json"
-    previous = {(r["arm"], r["ratio"], r["seed"]): r for r in json.loads(done_path.read_text())["runs"]} \
-        if done_path.is_file() else {}
+    _, previous = _earlier_rows(out / "results.json")
     wanted = {(arm, ratio, seed) for ratio in ratios for seed in seeds for arm in ("scratch", "pretrained")}
     kept = [r for key, r in previous.items() if key not in wanted]  # other ratios / seeds of the table stay in it
     arms = [Arm("scratch", str(init), load_weights=False), Arm("pretrained", str(init))]
@@ -333,6 +335,29 @@ def _plot_probe_layers(result: dict[str, Any], path: Path) -> None:
 COMPARE_ARMS = ("scratch", "random-frozen", "mae", "ar")
 
 
+def probe_against_random(config, out: Path, loaded: dict[str, tuple], overrides, max_tokens: int,
+                         progress: bool) -> dict[str, Any]:
+    """The per-layer probe (every organ label, whole volumes) of checkpoint encoders ``loaded`` ({name:
+    encoder_from_checkpoint(...)}) and a random encoder of the first one's architecture. ``headline_layer``
+    / ``headline``: each encoder at its default embedding layer (random init at the AR run's, else the
+    first's); ``best_layer`` per encoder."""
+    import torch
+
+    from voxseq.models.vit3d import ViT3D
+    from voxseq.tasks.encoders import embedding_setup
+
+    first = next(iter(loaded.values()))
+    torch.manual_seed(0)
+    encoders = {"random": ViT3D(first[0].cfg), **{name: enc for name, (enc, *_) in loaded.items()}}
+    headline = {name: embedding_setup(enc, meta, None, "whole")[0] for name, (enc, _, meta, _) in loaded.items()}
+    headline["random"] = headline.get("ar", next(iter(headline.values())))
+    p = probe_encoders(config, out, encoders, first[1], overrides, max_tokens, None, progress, label_map=False)
+    p["headline_layer"] = {k: str(v) for k, v in headline.items()}
+    p["headline"] = {k: p["layers"][k][str(v)]["balanced_accuracy"] for k, v in headline.items()}
+    p["best_layer"] = {k: max(c, key=lambda n: c[n]["balanced_accuracy"]) for k, c in p["layers"].items()}
+    return p
+
+
 def compare_arms(names, ar: str | None, mae: str | None) -> list[Arm]:
     """The arms of ``experiment compare``: ``scratch`` (fine-tuned from random init), ``random-frozen``
     (random encoder kept frozen, the decoder trained), ``mae`` / ``ar`` (fine-tuned from those runs) and
@@ -381,10 +406,7 @@ def run_compare(config: str | Path, out: str | Path, ar: str | Path | None = Non
     scratch) and the per-layer token probe, on the labelled volumes of one segmentation config.
     Writes ``compare.json``, ``compare.md``, ``label_efficiency.png`` and ``probe_layers.png``; a re-run
     reuses finished fine-tunings."""
-    import torch
-
-    from voxseq.models.vit3d import ViT3D
-    from voxseq.tasks.encoders import embedding_setup, encoder_from_checkpoint
+    from voxseq.tasks.encoders import encoder_from_checkpoint
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -392,9 +414,7 @@ def run_compare(config: str | Path, out: str | Path, ar: str | Path | None = Non
     arm_list = compare_arms(arms, ar, mae)
     loaded = {name: encoder_from_checkpoint(path) for name, path in (("ar", ar), ("mae", mae)) if path}
     _check_same_setup({name: (enc, pre) for name, (enc, pre, _, _) in loaded.items()})
-    done_path = out / "compare.json"
-    before = json.loads(done_path.read_text()) if done_path.is_file() else {}
-    previous = {(r["arm"], r["ratio"], r["seed"]): r for r in before.get("runs", [])}
+    before, previous = _earlier_rows(out / "compare.json")
     result: dict[str, Any] = {"config": str(config), "ar": ar, "mae": mae, "arms": [a.name for a in arm_list],
                               "ratios": list(ratios), "seeds": list(seeds), "overrides": list(overrides or [])}
 
@@ -408,17 +428,7 @@ def run_compare(config: str | Path, out: str | Path, ar: str | Path | None = Non
     kept = [r for key, r in previous.items() if key not in wanted and key[0] in result["arms"]]  # other seeds stay
     result["probe"] = before.get("probe")  # --no-probe keeps an earlier run's probe
     if probe:  # first: it takes minutes where the fine-tunings take tens of minutes
-        first = next(iter(loaded.values()))
-        torch.manual_seed(0)
-        encoders = {"random": ViT3D(first[0].cfg), **{name: enc for name, (enc, *_) in loaded.items()}}
-        headline = {name: embedding_setup(enc, meta, None, "whole")[0] for name, (enc, _, meta, _) in loaded.items()}
-        headline["random"] = headline.get("ar", next(iter(headline.values())))
-        probe_out = probe_encoders(config, out, encoders, first[1], overrides, max_tokens, None, progress,
-                                   label_map=False)
-        probe_out["headline_layer"] = {k: str(v) for k, v in headline.items()}
-        probe_out["headline"] = {k: probe_out["layers"][k][str(v)]["balanced_accuracy"] for k, v in headline.items()}
-        probe_out["best_layer"] = {k: max(c, key=lambda n: c[n]["balanced_accuracy"]) for k, c in probe_out["layers"].items()}
-        result["probe"] = probe_out
+        result["probe"] = probe_out = probe_against_random(config, out, loaded, overrides, max_tokens, progress)
         _plot_probe_layers(probe_out, out / "probe_layers.png")
         write(kept + [r for key, r in previous.items() if key in wanted])  # the probe's numbers before the runs
     # the probe prepared out/cache with the runs' preprocessing; the fine-tunings share it
@@ -487,10 +497,7 @@ def run_ablation(config: str | Path, seg_config: str | Path, out: str | Path, va
     (at its default layer, beside a random encoder) and by fine-tuning at ``ratio`` of the labels of
     ``seg_config`` (paired by seed against scratch). Writes ``ablation.json`` / ``.md``; finished
     pretraining runs and fine-tunings are reused on a re-run."""
-    import torch
-
-    from voxseq.models.vit3d import ViT3D
-    from voxseq.tasks.encoders import embedding_setup, encoder_from_checkpoint
+    from voxseq.tasks.encoders import encoder_from_checkpoint
     from voxseq.tasks.pretrain_ar import load_ar_config, run_pretrain_ar
     from voxseq.train.checkpoint import latest_checkpoint
     from voxseq.train.metrics import loss_summary, read_metrics
@@ -515,19 +522,12 @@ def run_ablation(config: str | Path, seg_config: str | Path, out: str | Path, va
                                     **loss_summary(rows), "seconds": sum(r.get("step_time_s", 0.0) for r in rows)}
     if probe:
         loaded = {name: encoder_from_checkpoint(run) for name, run in runs.items()}
-        first = next(iter(loaded.values()))
-        torch.manual_seed(0)
-        encoders = {"random": ViT3D(first[0].cfg), **{n: enc for n, (enc, *_) in loaded.items()}}
-        layer = embedding_setup(first[0], first[2], None, "whole")[0]
-        p = probe_encoders(seg_config, out, encoders, first[1], seg_overrides, max_tokens, None, progress,
-                           label_map=False)
-        result["probe_layer"] = str(layer)
-        result["probe"] = {n: p["layers"][n][str(layer)]["balanced_accuracy"] for n in encoders}
+        p = probe_against_random(seg_config, out, loaded, seg_overrides, max_tokens, progress)
+        result["probe_layer"] = p["headline_layer"]["random"]  # every variant's default block (one architecture)
+        result["probe"] = p["headline"]
         result["probe_layers"] = p["layers"]
     arms = [Arm("scratch", str(runs[variants[0]]), load_weights=False)] + [Arm(n, str(r)) for n, r in runs.items()]
-    done_path = out / "ablation.json"
-    previous = {(r["arm"], r["ratio"], r["seed"]): r for r in json.loads(done_path.read_text()).get("runs", [])} \
-        if done_path.is_file() else {}
+    _, previous = _earlier_rows(out / "ablation.json")
 
     def write(rs: list[dict[str, Any]]) -> None:
         result["runs"] = rs
