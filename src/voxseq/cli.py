@@ -153,12 +153,18 @@ def phantoms(
     max_slices: int = typer.Option(160, "--max-slices", min=24, help="Most slices of a CT torso (its scan range sets the count)."),
     phantom_version: int = typer.Option(1, "--phantom-version", min=1, max=2, help="2: organs of overlapping "
                                         "intensity told apart by texture, shape and place (docs/reproducing.md)."),
+    findings: str = typer.Option("basic", "--findings", help="CT findings: basic (six: nodule, effusion, "
+                                 "cardiomegaly, liver lesion, kidney cyst, bone lesion) or ct-rate (also emphysema, "
+                                 "atelectasis, consolidation, pericardial effusion, aortic and coronary calcification, "
+                                 "at CT-RATE's rates)."),
 ) -> None:
     """Write deterministic synthetic CT torsos and multi-contrast brain MRIs with masks, lesions and text."""
-    from voxseq.data.phantoms import write_phantoms
+    from voxseq.data.phantoms import FINDING_SETS, write_phantoms
 
+    if findings not in FINDING_SETS:
+        raise VoxseqError(f"--findings must be one of {', '.join(FINDING_SETS)}, not {findings!r}")
     manifest = write_phantoms(out, n_ct=n_ct, n_mri=n_mri, seed=seed, size_xy=size_xy, max_slices=max_slices,
-                              version=phantom_version)
+                              version=phantom_version, findings=findings)
     typer.echo(f"wrote {n_ct} CT and {n_mri} MRI phantoms -> {manifest}")
 
 
@@ -201,13 +207,15 @@ def pretrain_vlp(
     config: Path = typer.Option(..., "--config", "-c", help="YAML config (see configs/vlp_tiny.yaml, configs/vlp_vit_l.yaml)."),
     out: Path = typer.Option(..., "--out", "-o", help="Run folder: config, metrics.jsonl, checkpoints, plots."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run folder's latest checkpoint."),
+    init: Optional[Path] = typer.Option(None, "--init", help="An AR-SSL4M (or MAE) run or checkpoint whose encoder "
+                                        "starts the vision tower (same architecture; sets the config's init)."),
     overrides: List[str] = typer.Argument(None, help="Config overrides key=value, dotted for nested fields (model.vision.depth=4)."),
 ) -> None:
     """SigVLP vision-language pretraining: CT chunks of any size paired with organ-wise sentences."""
     from voxseq.tasks.pretrain_vlp import load_vlp_config, run_pretrain_vlp
 
     _reads_config_data()
-    cfg = load_vlp_config(config, list(overrides or []))
+    cfg = load_vlp_config(config, list(overrides or []) + ([f"init={init}"] if init else []))
     _note_fresh_start(out, resume)
     _report_training(run_pretrain_vlp(cfg, out, resume=resume), out)
 
@@ -315,8 +323,16 @@ def evaluate_zero_shot(
     labels: Optional[str] = typer.Option(None, "--labels", help="Comma-separated labels (default: all in the prompts/data)."),
     aggregate: str = typer.Option("volume", "--aggregate", help="volume: one embedding per whole volume; chunks: "
                                   "the highest score over z-chunks (and over in-plane tiles of the training crop when the model "
-                                  "trained on chunks.crop_yx crops)."),
-    chunk_slices: int = typer.Option(32, "--chunk-slices", help="Chunk thickness with --aggregate chunks."),
+                                  "trained on chunks.crop_yx crops); organ: tiles of the training chunk, each label pooled "
+                                  "over the tiles that show its organ (the prompts file's third item)."),
+    chunk_slices: Optional[int] = typer.Option(None, "--chunk-slices", min=1, help="Chunk thickness with --aggregate "
+                                               "chunks (default 32) or organ (default: the training chunk's)."),
+    pool: str = typer.Option("topk", "--pool", help="With --aggregate organ: topk (mean of the --top-k highest tile "
+                             "scores), max, noisy-or or mean."),
+    top_k: int = typer.Option(3, "--top-k", min=1, help="Tiles averaged by --pool topk."),
+    localise: str = typer.Option("auto", "--localise", help="With --aggregate organ, which tiles show an organ: masks "
+                                 "(the data's organ masks), prompts (the model's 'The <organ>.' prompts), none (every "
+                                 "tile scores every label), auto (masks when every volume has them)."),
     split: Optional[str] = typer.Option(None, "--split", help="Only this split of the data."),
     organ_chunks: int = typer.Option(200, "--organ-chunks", min=1, help="Chunks drawn (as in training, from the "
                                      "organ masks) for organ classification and findings in organ chunks."),
@@ -336,7 +352,8 @@ def evaluate_zero_shot(
 
     parse_operating_point(operating_point)  # a bad value is said before any volume is read
     r = run_zero_shot(checkpoint, source, out, prompts=prompts, labels=labels.split(",") if labels else None,
-                      aggregate=aggregate, chunk_slices=chunk_slices, split=split, organ_chunks_n=organ_chunks,
+                      aggregate=aggregate, chunk_slices=chunk_slices, pool=pool, top_k=top_k, localise=localise,
+                      split=split, organ_chunks_n=organ_chunks,
                       organ_chunk_slices=organ_chunk_slices, nonfinite=_reads_volumes(nonfinite),
                       operating_point=operating_point, bootstrap=bootstrap)
 

@@ -174,3 +174,48 @@ def test_write_phantoms_version2_manifest(tmp_path):
     manifest = write_phantoms(tmp_path, n_ct=1, n_mri=1, seed=1, size_xy=48, max_slices=32, progress=False, version=2)
     records = read_manifest(manifest)
     assert [r.extra["phantom_version"] for r in records] == [2, 2]
+
+
+CT_RATE_EXTRA = ("emphysema", "atelectasis", "consolidation", "pericardial effusion",
+                 "coronary artery wall calcification", "arterial wall calcification")
+
+
+def test_ct_rate_findings_paint_their_organ_and_name_it():
+    from voxseq.data.phantoms import CT_RATE_RATES, ORGANS
+
+    off = make_ct_phantom(1003, size_xy=64, max_slices=96, scan="chest_abdomen", findings="ct-rate",
+                          abnormalities={k: 0 for k in CT_RATE_EXTRA})
+    assert tuple(off.abnormalities) == tuple(CT_RATE_RATES)
+    lab = off.label.array
+    lungs = np.isin(lab, [ORGANS["lung_right"], ORGANS["lung_left"]])
+    where = {"emphysema": lungs, "atelectasis": lungs, "consolidation": lungs,
+             "pericardial effusion": np.isin(lab, [ORGANS["body"], ORGANS["lung_right"], ORGANS["lung_left"]]),
+             "coronary artery wall calcification": lab == ORGANS["heart"],
+             "arterial wall calcification": lab == ORGANS["aorta"]}
+    words = {"emphysema": "emphysema", "atelectasis": "atelectasis", "consolidation": "consolidation",
+             "pericardial effusion": "pericardial effusion", "coronary artery wall calcification": "coronary artery",
+             "arterial wall calcification": "wall calcification"}
+    for finding in CT_RATE_EXTRA:
+        on = make_ct_phantom(1003, size_xy=64, max_slices=96, scan="chest_abdomen", findings="ct-rate",
+                             abnormalities={**{k: 0 for k in CT_RATE_EXTRA}, finding: 1})
+        assert on.abnormalities[finding] == 1, finding
+        np.testing.assert_array_equal(on.label.array, lab)  # labels (anatomy) unchanged
+        changed = np.abs(on.image.array.astype(float) - off.image.array) > 60
+        assert changed.sum() > 20, finding
+        assert changed[where[finding]].sum() > 0.6 * changed.sum(), finding  # painted in (or at) its organ
+        assert words[finding] in on.report and words[finding] not in off.report, finding
+    with pytest.raises(ValueError, match="findings must be one of"):
+        make_ct_phantom(1, size_xy=32, max_slices=24, findings="ctrate")
+
+
+def test_ct_rate_rates_and_basic_phantoms_unchanged():
+    basic = make_ct_phantom(5, size_xy=48, max_slices=48)
+    assert basic.abnormalities.keys() == set(ABNORMALITIES) and "emphysema" not in basic.report
+    seen = {}
+    for s in range(60):
+        p = make_ct_phantom(2000 + s, size_xy=32, max_slices=32, scan="chest", findings="ct-rate")
+        for k, v in p.abnormalities.items():
+            seen[k] = seen.get(k, 0) + v
+    # chest scans: rare findings rare, common ones common, as in CT-RATE
+    assert seen["lung nodule"] > seen["pleural effusion"] and seen["lung nodule"] >= 15
+    assert seen["pericardial effusion"] <= 12 and seen["arterial wall calcification"] >= 6

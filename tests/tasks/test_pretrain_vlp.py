@@ -228,3 +228,57 @@ def test_two_gloo_processes_train_and_resume_exactly(tmp_path, cache, text_model
     (tmp_path / "cut" / "checkpoints" / "model_00000004.json").unlink()
     torchrun(tmp_path / "cut", cache, text_model, 29537, "max_steps=4", "--resume")
     assert losses(tmp_path / "cut") == losses(tmp_path / "full")
+
+
+def test_vision_tower_starts_from_an_ar_run(tmp_path, text_model, cache):
+    """`pretrain vlp --init AR_RUN`: the AR encoder's weights become the rotary vision tower's (lr 0 keeps them),
+    the run records where they came from, and another architecture is refused naming the override."""
+    import torch
+
+    from voxseq.models.hub import load_checkpoint
+
+    ar = tmp_path / "ar"
+    assert main(["pretrain", "ar", "--config", str(ROOT / "configs" / "ar_tiny.yaml"), "--out", str(ar),
+                 "model.patch_size=8", "sequence.patch_size=8", "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
+                 "batch_size=1", "max_steps=2", "warmup_steps=1", "data.phantoms.n_ct=2", "data.phantoms.n_mri=0",
+                 "data.phantoms.size_xy=48", "data.phantoms.max_slices=48", "data.samples=false", "data.workers=1",
+                 "data.preprocess.spacing_xyz=[6,6,6]", "data.preprocess.min_shape_zyx=[32,32,32]",
+                 "sequence.crop_zyx=[32,32,32]", "sequence.subvolume_zyx=[8,32,32]",
+                 "sequence.kind_weights={spatial: 1.0}"]) == 0
+    vlp = tmp_path / "vlp"
+    assert main(["pretrain", "vlp", "--config", str(CONFIG), "--out", str(vlp), "--init", str(ar), *tiny(text_model),
+                 "max_steps=1", f"data.cache={cache}", "lr=0.0"]) == 0
+    a, v = load_checkpoint(ar), load_checkpoint(vlp)
+    assert v.meta["init"]["path"] == str(ar) and v.meta["init"]["from_pos_embed"] == "sincos"
+    keys = [k for k in a.state_dict if k.startswith("encoder.blocks.") or k.startswith("encoder.patch_embed.")]
+    assert len(keys) > 10 and v.meta["init"]["loaded"] >= len(keys)
+    for k in keys:
+        torch.testing.assert_close(v.state_dict[k], a.state_dict[k], msg=k)
+    assert main(["pretrain", "vlp", "--config", str(CONFIG), "--out", str(tmp_path / "bad"), "--init", str(ar),
+                 *tiny(text_model), "model.vision.depth=3", "max_steps=1", f"data.cache={cache}"]) == 2
+
+
+def test_one_channel_patch_embedding_spreads_over_several(tmp_path):
+    """A 1-channel encoder starts a 3-channel tower: three equal channels give what the one channel gave."""
+    import dataclasses
+
+    import torch
+
+    from voxseq.checkpoint import save_checkpoint
+    from voxseq.models.vit3d import ViT3D, ViTConfig
+    from voxseq.models.vlp import SigVLP, VLPModelConfig
+    from voxseq.tasks.pretrain_vlp import init_vision_tower
+
+    torch.manual_seed(0)
+    one = ViTConfig(patch_size=4, in_chans=1, embed_dim=16, depth=1, num_heads=2)
+    src = ViT3D(one)
+    save_checkpoint(tmp_path / "enc", 1, {f"encoder.{k}": v for k, v in src.state_dict().items()},
+                    meta={"task": "pretrain-ar", "model": dataclasses.asdict(one)})
+    dst = SigVLP(VLPModelConfig(vision=dataclasses.replace(one, in_chans=3, pos_embed="rope3d"), embed_dim=8,
+                                text_model=None))
+    info = init_vision_tower(dst, tmp_path / "enc")
+    assert "1 -> 3 channel" in info["summary"] and info["from_task"] == "pretrain-ar"
+    x = torch.randn(1, 1, 8, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(dst.encoder.patch_embed(x.repeat(1, 3, 1, 1, 1)), src.patch_embed(x))
+        torch.testing.assert_close(dst.encoder.blocks[0].mlp.fc1.weight, src.blocks[0].mlp.fc1.weight)

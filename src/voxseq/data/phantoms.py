@@ -44,6 +44,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -59,6 +60,14 @@ SENTENCE_ORGANS: dict[str, tuple[int, ...]] = {
     "lung": (2, 3), "heart": (4,), "liver": (5,), "spleen": (6,), "kidney": (7, 8), "aorta": (9,), "bone": (10,),
 }
 ABNORMALITIES = ("lung nodule", "pleural effusion", "cardiomegaly", "liver lesion", "kidney cyst", "bone lesion")
+# ``findings="ct-rate"``: the CT-RATE labels a phantom can model (mostly large or diffuse), drawn at about the
+# rates of CT-RATE's training labels (Hamamci et al. 2024), beside the three abdominal findings at 0.4.
+CT_RATE_RATES: dict[str, float] = {
+    "lung nodule": 0.45, "pleural effusion": 0.12, "cardiomegaly": 0.11, "emphysema": 0.20, "atelectasis": 0.26,
+    "consolidation": 0.17, "pericardial effusion": 0.07, "arterial wall calcification": 0.28,
+    "coronary artery wall calcification": 0.26, "liver lesion": 0.4, "kidney cyst": 0.4, "bone lesion": 0.4,
+}
+FINDING_SETS = {"basic": ABNORMALITIES, "ct-rate": tuple(CT_RATE_RATES)}
 MRI_CONTRASTS = ("t1n", "t1c", "t2w", "t2f")
 BRATS_LABELS = {"background": 0, "necrotic_core": 1, "oedema": 2, "enhancing": 3}
 PHANTOM_VERSIONS = (1, 2)
@@ -128,7 +137,8 @@ def _pick_inside(rng, mask: np.ndarray, zz, yy, xx) -> tuple[float, float, float
 
 
 def make_ct_phantom(seed: int, size_xy: int = 128, max_slices: int = 160, scan: str | None = None,
-                    abnormalities: dict[str, int] | None = None, version: int = 1) -> CTPhantom:
+                    abnormalities: dict[str, int] | None = None, version: int = 1,
+                    findings: str = "basic") -> CTPhantom:
     """One synthetic CT torso. Same seed, same phantom (byte for byte).
 
     ``size_xy``: in-plane voxels (the field of view, 340-400 mm, sets the spacing); ``scan``: chest,
@@ -136,8 +146,13 @@ def make_ct_phantom(seed: int, size_xy: int = 128, max_slices: int = 160, scan: 
     or off (0), others are drawn with probability ~0.4. ``version`` 2 gives the soft-tissue organs
     overlapping intensities and their own textures, and each lesion category one appearance
     (module docstring); the anatomy, labels and findings are those of version 1 for the same seed.
+    ``findings``: "basic" (the six of ``ABNORMALITIES``) or "ct-rate": the CT-RATE labels a phantom can
+    model, at CT-RATE's rates (``CT_RATE_RATES``; emphysema, atelectasis, consolidation, pericardial effusion,
+    aortic and coronary wall calcification besides the six), drawn from a generator of their own.
     """
     _check_version(version)
+    if findings not in FINDING_SETS:
+        raise ValueError(f"phantom findings must be one of {tuple(FINDING_SETS)}, not {findings!r}")
     rng = np.random.default_rng(seed)
     scan = scan or ("chest", "abdomen", "chest_abdomen")[int(rng.integers(3))]
     z_lo, z_hi = SCAN_RANGES_MM[scan]
@@ -154,6 +169,9 @@ def make_ct_phantom(seed: int, size_xy: int = 128, max_slices: int = 160, scan: 
     zz, yy, xx = np.broadcast_arrays(z, y, x)
 
     found = {a: int(rng.random() < 0.4) for a in ABNORMALITIES}
+    extra_rng = np.random.default_rng([seed, 2024])  # ct-rate findings: anatomy and basic draws stay as they were
+    if findings == "ct-rate":
+        found = {a: int(extra_rng.random() < rate) for a, rate in CT_RATE_RATES.items()}
     found.update(abnormalities or {})
     j = lambda s: 1.0 + rng.uniform(-s, s)  # noqa: E731 - per-seed size jitter
 
@@ -229,7 +247,7 @@ def make_ct_phantom(seed: int, size_xy: int = 128, max_slices: int = 160, scan: 
     # lesions, placed inside their organ where the organ is in view
     lesion_mask = np.zeros(label.shape, bool)
     lesions: list[Box] = []
-    sizes: dict[str, float] = {}
+    sizes: dict[str, Any] = {}  # finding -> diameter in mm (and the side of a consolidation)
 
     def lesion(finding: str, organ_mask: np.ndarray, category: str, radius_mm: float, value: float) -> None:
         c = _pick_inside(rng, organ_mask, zz, yy, xx)
@@ -265,12 +283,13 @@ def make_ct_phantom(seed: int, size_xy: int = 128, max_slices: int = 160, scan: 
             hu[eff] = 15.0
         else:
             found["pleural effusion"] = 0
+    if findings == "ct-rate":
+        _ct_rate_findings(extra_rng, found, hu, label, (zz, yy, xx), (sxy, sxy, sz), lz, heart_r, aorta, sizes)
 
     present = {name: any((label == v).any() for v in ids) for name, ids in SENTENCE_ORGANS.items()}
-    if not present["lung"]:
-        found["lung nodule"] = found["pleural effusion"] = 0
-    if not present["heart"]:
-        found["cardiomegaly"] = 0
+    for finding, organ in FINDING_ORGANS.items():
+        if finding in found and not present[organ]:
+            found[finding] = 0
     sentences = _ct_sentences(present, found, sizes)
 
     hu = _smooth(hu, 0.6) + rng.normal(0, 12, hu.shape).astype(np.float32)
@@ -282,7 +301,7 @@ def make_ct_phantom(seed: int, size_xy: int = 128, max_slices: int = 160, scan: 
         image=Volume(hu, spacing, origin, meta=dict(meta)),
         label=Volume(label, spacing, origin, meta=dict(meta)),
         lesions=lesions, lesion_mask=lesion_mask, sentences=sentences,
-        report=" ".join(sentences.values()), abnormalities={a: int(found[a]) for a in ABNORMALITIES}, scan=scan)
+        report=" ".join(sentences.values()), abnormalities={a: int(found[a]) for a in FINDING_SETS[findings]}, scan=scan)
 
 
 def _check_version(version: int) -> None:
@@ -329,6 +348,77 @@ def _retexture_v2(seed: int, hu: np.ndarray, label: np.ndarray, zyx_mm, spacing_
     return mean
 
 
+# the organ (sentence) each finding is seen in: a finding whose organ is out of view is absent
+FINDING_ORGANS = {"lung nodule": "lung", "pleural effusion": "lung", "emphysema": "lung", "atelectasis": "lung",
+                  "consolidation": "lung", "cardiomegaly": "heart", "pericardial effusion": "heart",
+                  "coronary artery wall calcification": "heart", "arterial wall calcification": "aorta"}
+
+
+def _ct_rate_findings(rng, found: dict[str, int], hu: np.ndarray, label: np.ndarray, zyx_mm, spacing_xyz,
+                      lung_z: float, heart_r: np.ndarray, aorta: np.ndarray, sizes: dict[str, Any]) -> None:
+    """The diffuse and large CT-RATE findings, painted into ``hu`` (labels unchanged); a finding whose organ
+    is not in view is set absent. Emphysema: clustered low-attenuation areas (-980 HU) in the upper lungs;
+    consolidation: a 25-40 mm region of one lung at 35 HU with air bronchograms; atelectasis: a dense (40 HU)
+    posterior basal band of one lung; pericardial effusion: a 10-20 mm fluid shell (10 HU) round the heart;
+    arterial / coronary wall calcification: bright (600-800 HU) plaques on the aortic wall / heart surface."""
+    zz, yy, xx = zyx_mm
+    lungs = (label == ORGANS["lung_right"]) | (label == ORGANS["lung_left"])
+    if found["emphysema"]:
+        holes = (_noise(rng, hu.shape, 3.0, spacing_xyz) > 0.9) & lungs & (zz > lung_z - 30)
+        if holes.sum() > 50:
+            hu[holes] = -980.0
+        else:
+            found["emphysema"] = 0
+    if found["consolidation"]:
+        side = ("lung_right", "lung_left")[int(rng.integers(2))]
+        lung = label == ORGANS[side]
+        pts = np.argwhere(lung)
+        if len(pts) > 100:
+            c = pts[int(rng.integers(len(pts)))]
+            centre = (float(xx[0, 0, c[2]]), float(yy[0, c[1], 0]), float(zz[c[0], 0, 0]))
+            r = rng.uniform(25, 40)
+            region = (_ellipsoid(zz, yy, xx, centre, (r, r, r * 1.3)) < 1) & lung
+            bronchi = np.abs(np.sin(xx / 5.0) * np.sin(zz / 7.0)) > 0.95
+            hu[region] = 35.0
+            hu[region & bronchi] = -900.0
+            sizes["consolidation side"] = "right" if side == "lung_right" else "left"
+        else:
+            found["consolidation"] = 0
+    if found["atelectasis"]:
+        side = ("lung_right", "lung_left")[int(rng.integers(2))]
+        band = (label == ORGANS[side]) & (yy > 25) & (zz < lung_z - 55)
+        if band.sum() > 20:
+            hu[band] = 40.0
+        else:
+            found["atelectasis"] = 0
+    heart = label == ORGANS["heart"]
+    if found["pericardial effusion"]:
+        shell = (heart_r >= 1) & (heart_r < rng.uniform(1.2, 1.4)) \
+            & np.isin(label, [ORGANS["body"], ORGANS["lung_right"], ORGANS["lung_left"]])  # the sac displaces lung
+        if heart.any() and shell.sum() > 20:
+            hu[shell] = 10.0
+        else:
+            found["pericardial effusion"] = 0
+    if found["coronary artery wall calcification"]:
+        plaque = heart & (heart_r > 0.8) & (_noise(rng, hu.shape, 2.0, spacing_xyz) > 1.8)
+        if plaque.sum() > 3:
+            hu[plaque] = 650.0
+        else:
+            found["coronary artery wall calcification"] = 0
+    if found["arterial wall calcification"]:
+        wall = aorta & ~_erode(aorta) & (_noise(rng, hu.shape, 3.0, spacing_xyz) > 0.8)
+        if wall.sum() > 3:
+            hu[wall] = 750.0
+        else:
+            found["arterial wall calcification"] = 0
+
+
+def _erode(mask: np.ndarray) -> np.ndarray:
+    from scipy.ndimage import binary_erosion
+
+    return binary_erosion(mask, iterations=1)
+
+
 def _lesion_pattern_v2(category: str, hu: np.ndarray, ball: np.ndarray, dist: np.ndarray,
                        organ_hu: dict[str, float]) -> None:
     """Version 2 lesions: one appearance per category across patients (what semantic sequences share)."""
@@ -343,7 +433,7 @@ def _lesion_pattern_v2(category: str, hu: np.ndarray, ball: np.ndarray, dist: np
     # kidney cysts stay homogeneous water
 
 
-def _ct_sentences(present: dict[str, bool], found: dict[str, int], sizes: dict[str, float]) -> dict[str, str]:
+def _ct_sentences(present: dict[str, bool], found: dict[str, int], sizes: dict[str, Any]) -> dict[str, str]:
     """One sentence per organ in view: the finding when there is one, 'unremarkable' otherwise."""
     cm = lambda f: f"{sizes.get(f, 10) / 10:.1f} cm"  # noqa: E731
     s: dict[str, str] = {}
@@ -353,9 +443,20 @@ def _ct_sentences(present: dict[str, bool], found: dict[str, int], sizes: dict[s
             parts.append(f"The lungs show a {cm('lung nodule')} solid nodule.")
         if found["pleural effusion"]:
             parts.append("There is a right pleural effusion.")
+        if found.get("emphysema"):
+            parts.append("There is centrilobular emphysema in the upper lobes.")
+        if found.get("consolidation"):
+            parts.append(f"There is consolidation in the {sizes.get('consolidation side', 'right')} lung.")
+        if found.get("atelectasis"):
+            parts.append("There is basal atelectasis.")
         s["lung"] = " ".join(parts) or "The lungs are clear."
     if present["heart"]:
-        s["heart"] = "The heart is enlarged." if found["cardiomegaly"] else "The heart is normal in size."
+        parts = ["The heart is enlarged." if found["cardiomegaly"] else "The heart is normal in size."]
+        if found.get("pericardial effusion"):
+            parts.append("There is a pericardial effusion.")
+        if found.get("coronary artery wall calcification"):
+            parts.append("There is coronary artery calcification.")
+        s["heart"] = " ".join(parts)
     if present["liver"]:
         s["liver"] = (f"The liver shows a {cm('liver lesion')} hypodense lesion." if found["liver lesion"]
                       else "The liver is unremarkable.")
@@ -365,7 +466,8 @@ def _ct_sentences(present: dict[str, bool], found: dict[str, int], sizes: dict[s
         s["kidney"] = (f"The kidneys show a {cm('kidney cyst')} simple cyst." if found["kidney cyst"]
                        else "The kidneys are unremarkable.")
     if present["aorta"]:
-        s["aorta"] = "The aorta is normal in calibre."
+        s["aorta"] = ("The aorta shows wall calcification." if found.get("arterial wall calcification")
+                      else "The aorta is normal in calibre.")
     if present["bone"]:
         s["bone"] = (f"The spine shows a {cm('bone lesion')} lytic lesion." if found["bone lesion"]
                      else "The bones are unremarkable.")
@@ -464,16 +566,17 @@ def phantom_split(i: int) -> str:
 
 def write_phantoms(out_dir: str | Path, n_ct: int = 8, n_mri: int = 4, seed: int = 0, size_xy: int = 128,
                    max_slices: int = 160, mri_shape_zyx: tuple[int, int, int] = (64, 96, 96),
-                   progress: bool = True, version: int = 1) -> Path:
-    """Write ``n_ct`` CT and ``n_mri`` MRI phantoms (of phantom ``version``) as compressed NIfTI plus
-    ``manifest.jsonl``."""
+                   progress: bool = True, version: int = 1, findings: str = "basic") -> Path:
+    """Write ``n_ct`` CT and ``n_mri`` MRI phantoms (of phantom ``version``; CT ``findings`` as in
+    ``make_ct_phantom``) as compressed NIfTI plus ``manifest.jsonl``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     records: list[Record] = []
     total = n_ct + n_mri
     bar = _bar(progress, total)
     for i in range(n_ct):
-        p = make_ct_phantom(seed * 100_003 + i, size_xy=size_xy, max_slices=max_slices, version=version)
+        p = make_ct_phantom(seed * 100_003 + i, size_xy=size_xy, max_slices=max_slices, version=version,
+                            findings=findings)
         name = f"ct_{i:03d}"
         write_volume(p.image, out / f"{name}_image.nii.gz")
         write_volume(p.label, out / f"{name}_label.nii.gz")
@@ -481,7 +584,8 @@ def write_phantoms(out_dir: str | Path, n_ct: int = 8, n_mri: int = 4, seed: int
                               boxes=p.lesions, sentences=p.sentences, text=p.report,
                               classes={k: float(v) for k, v in p.abnormalities.items()}, split=phantom_split(i),
                               extra={"kind": "ct", "scan": p.scan, "organs": ORGANS,
-                                     **({"phantom_version": version} if version > 1 else {})}))
+                                     **({"phantom_version": version} if version > 1 else {}),
+                                     **({"phantom_findings": findings} if findings != "basic" else {})}))
         bar()
     for i in range(n_mri):
         p = make_mri_phantom(seed * 100_003 + i, shape_zyx=mri_shape_zyx, version=version)

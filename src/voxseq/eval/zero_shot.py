@@ -17,7 +17,7 @@ import torch
 from voxseq import VoxseqError
 from voxseq.config import load_yaml
 from voxseq.models.vlp import SigVLP, tokenize
-from voxseq.sequence.chunks import collate_packed, volume_chunks
+from voxseq.sequence.chunks import volume_chunks
 
 PROMPT_TEMPLATE = ("{}.", "not {}.")  # CT-CLIP's zero-shot prompts, with the label as the data spells it
 PREDICTIONS_CSV = "zero_shot_predictions.csv"
@@ -31,12 +31,21 @@ RULE_WORDS = {"youden": "Youden's J (maximum sensitivity + specificity - 1)",
 
 
 @torch.no_grad()
-def embed_items(model: SigVLP, items: list[dict[str, Any]]) -> np.ndarray:
-    """(n, D) embeddings of sampled chunks, one forward each."""
-    if not items:
-        return np.zeros((0, model.cfg.embed_dim), np.float32)
-    return np.concatenate([model.encode_chunks(b["tokens"], b["pos"], b["segment"], 1).numpy()
-                           for b in (collate_packed([it], max_tokens=it["tokens"].shape[0]) for it in items)])
+def embed_items(model: SigVLP, items: list[dict[str, Any]], batch_tokens: int = 16384) -> np.ndarray:
+    """(n, D) embeddings of chunks, in input order. Chunks of one length go through together, one chunk a
+    row (no padding, no mask), at most ``batch_tokens`` tokens a forward; a longer chunk goes alone."""
+    out = np.zeros((len(items), model.cfg.embed_dim), np.float32)
+    by_length: dict[int, list[int]] = {}
+    for i, it in enumerate(items):
+        by_length.setdefault(int(it["tokens"].shape[0]), []).append(i)
+    for length, idx in by_length.items():
+        step = max(1, batch_tokens // max(1, length))
+        for a in range(0, len(idx), step):
+            rows = idx[a:a + step]
+            tokens = torch.stack([items[i]["tokens"] for i in rows])
+            pos = torch.stack([items[i]["pos"] for i in rows])
+            out[rows] = model.encode_rows(tokens, pos).numpy()
+    return out
 
 
 @torch.no_grad()
@@ -150,6 +159,55 @@ def abnormality_scores(vol_chunks: list[np.ndarray], pos: np.ndarray, neg: np.nd
     return np.stack([pair_softmax_scores(e, pos, neg, temperature).max(axis=0) for e in vol_chunks])
 
 
+POOLS = ("topk", "max", "noisy-or", "mean")  # how a volume's tile probabilities become one score
+LOCALISERS = ("masks", "prompts", "none")  # which tiles score a label: those showing its organ, or every tile
+
+
+def pool_probabilities(p: np.ndarray, pool: str = "topk", k: int = 3) -> float:
+    """One volume-level P(present) from its tiles' P(present) ``p``: ``topk`` the mean of the ``k`` highest
+    (a finding seen in a few tiles, not one tile's noise), ``max``, ``mean``, or ``noisy-or``
+    1 - prod(1 - p) (the finding is somewhere if any tile shows it, tiles independent). NaN for no tiles."""
+    p = np.asarray(p, dtype=np.float64).ravel()
+    if pool not in POOLS:
+        raise VoxseqError(f"pool must be one of {', '.join(POOLS)}, not {pool!r}")
+    if k < 1:
+        raise VoxseqError(f"top-k needs k >= 1, not {k}")
+    if p.size == 0:
+        return float("nan")
+    if pool == "max":
+        return float(p.max())
+    if pool == "mean":
+        return float(p.mean())
+    if pool == "topk":
+        return float(np.sort(p)[-k:].mean())
+    return float(-np.expm1(np.log1p(-np.clip(p, 0.0, 1.0 - 1e-12)).sum()))
+
+
+def prompt_localised_organs(tile_emb: np.ndarray, organ_emb: np.ndarray, organs: list[str], top: int = 2
+                            ) -> list[list[str]]:
+    """Organs each tile shows by the model's own reading, for data without organ masks: the ``top`` organs
+    whose "The <organ>." prompt is most similar to the tile."""
+    from voxseq.eval.metrics import l2_normalise
+
+    sim = l2_normalise(tile_emb) @ l2_normalise(organ_emb).T  # (n, K)
+    order = np.argsort(-sim, axis=1)[:, :top]
+    return [[organs[j] for j in row] for row in order]
+
+
+def localised_scores(tile_p: list[np.ndarray], tile_organs: list[list[list[str]]] | None,
+                     label_organs: list[str | None], pool: str = "topk", k: int = 3) -> np.ndarray:
+    """(N, K) volume scores from each volume's (n_tiles, K) tile probabilities: label k pools the tiles that
+    show its organ ``label_organs[k]`` (``tile_organs[v][t]``: the organs tile t of volume v shows), or every
+    tile when the label has no organ, the organs are unknown (None) or no tile of the volume shows it."""
+    out = np.zeros((len(tile_p), len(label_organs)))
+    for v, p in enumerate(tile_p):
+        for j, organ in enumerate(label_organs):
+            rows = [t for t, shown in enumerate(tile_organs[v]) if organ in shown] \
+                if tile_organs is not None and organ else []
+            out[v, j] = pool_probabilities(p[rows, j] if rows else p[:, j], pool, k)
+    return out
+
+
 def organ_classification(model: SigVLP, tokenizer, items: list[dict[str, Any]], img: np.ndarray,
                          template: str, max_len: int) -> dict[str, Any] | None:
     """Zero-shot: which organs a chunk shows, from "The <organ>." prompts, against the organ masks."""
@@ -244,6 +302,15 @@ def zero_shot_markdown(r: dict[str, Any]) -> str:
     lines += ["", f"mean AUROC **{r['mean_auc']:.3f}**{_ci(mean, 'auc')}, ACC {r['mean_acc']:.3f}{_ci(mean, 'acc')}, "
                   f"weighted F1 {r['mean_weighted_f1']:.3f}{_ci(mean, 'weighted_f1')}, "
                   f"precision {r['mean_precision']:.3f}{_ci(mean, 'precision')}"]
+    if r.get("aggregation"):
+        a = r["aggregation"]
+        lines += ["", f"## Volume scores from tiles ({min(a['tiles_per_volume'])}-{max(a['tiles_per_volume'])} tiles a volume)",
+                  "", f"Shown above: each label pooled by **{a['pool']}** (k = {a['top_k']}) over the tiles that show its "
+                  f"organ, found by **{a['localise']}**. Mean AUROC of every choice, from the same tiles:", "",
+                  "| tiles scored | " + " | ".join(POOLS) + " |", "|---|" + "---|" * len(POOLS)]
+        words = {"masks": "showing the organ (masks)", "prompts": "showing the organ (organ prompts)", "none": "every tile"}
+        lines += [f"| {words[loc]} | " + " | ".join(f"{row[pl]['mean_auc']:.3f}" for pl in POOLS) + " |"
+                  for loc, row in a["comparison"].items()]
     thick = f", {r['organ_chunk_slices']} slices each" if r.get("organ_chunk_slices") else ""
     if "organ_classification" in r:
         o = r["organ_classification"]
@@ -284,7 +351,7 @@ def plot_roc(truth: np.ndarray, scores: np.ndarray, names: list[str], path: Path
     return save_figure(fig, path)
 
 
-__all__ = ["ORGAN_TEMPLATE", "PREDICTIONS_CSV", "PROMPT_TEMPLATE", "RULE_WORDS", "TRUTH_COLUMN",
+__all__ = ["LOCALISERS", "POOLS", "localised_scores", "pool_probabilities", "prompt_localised_organs", "ORGAN_TEMPLATE", "PREDICTIONS_CSV", "PROMPT_TEMPLATE", "RULE_WORDS", "TRUTH_COLUMN",
            "abnormality_scores", "embed_items", "embed_prompts", "embed_texts", "embed_volume",
            "finding_classification", "load_prompts", "organ_classification", "pair_temperature",
            "parse_operating_point", "plot_roc", "prompt_organs", "prompt_texts", "shared_binary_labels",

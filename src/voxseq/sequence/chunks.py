@@ -170,6 +170,28 @@ def organs_in_chunk(label_chunk: np.ndarray, label_counts_volume: np.ndarray, ma
     return [name for _, name in sorted(shown, key=lambda t: (-t[0], order[t[1]]))]
 
 
+def organ_masks(source, v: int) -> tuple[np.ndarray | None, dict[str, list[int]]]:
+    """Volume ``v``'s organ masks (uint8 labels or uint32 region bits) and organ (sentence name) -> ids / bits,
+    or (None, {}) when it has none. Every organ its masks can show is listed, with a sentence or without."""
+    entry = source.entry(v)
+    regions = source.regions(v) if hasattr(source, "regions") else None
+    if regions is not None:
+        mapping = {name: [r] for r, name in enumerate(entry.get("regions", []))}
+        return (regions, mapping) if mapping else (None, {})
+    label = source.label(v)
+    mapping = sentence_labels(entry)
+    return (label, mapping) if label is not None and mapping else (None, {})
+
+
+def window_organs(masks: np.ndarray, counts: np.ndarray, mapping: dict[str, list[int]], start_zyx, size_zyx,
+                  organ_fraction: float = 0.3, chunk_fraction: float = 0.05) -> list[str]:
+    """:func:`organs_in_chunk` of the window at ``start_zyx`` of ``size_zyx`` (it may pass the volume's edges)."""
+    lo = [max(0, s) for s in start_zyx]
+    hi = [min(n, s + k) for n, s, k in zip(masks.shape, start_zyx, size_zyx)]
+    chunk = np.asarray(masks[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]])  # real voxels only
+    return organs_in_chunk(chunk, counts, mapping, organ_fraction, chunk_fraction)
+
+
 def lesion_in_window(boxes: list[dict], organ: str, start_zyx, size_zyx, fraction: float = 0.5) -> bool:
     """Whether a window may carry ``organ``'s sentence given the volume's lesion boxes (cache grid, zyx).
 
@@ -212,7 +234,8 @@ def _tile_starts(n: int, k: int) -> list[int]:
 
 
 def volume_chunks(image: np.ndarray, patch_size: int = 16, chunk_slices: int | None = None,
-                  pad_value: float = 0.0, tile_yx: list[int] | None = None) -> list[dict[str, Any]]:
+                  pad_value: float = 0.0, tile_yx: list[int] | None = None,
+                  z_overlap: bool = False) -> list[dict[str, Any]]:
     """A whole (C, Z, Y, X) volume of any size as consecutive z-chunks of tokens, for inference.
 
     Each axis is padded (centred in-plane, at the end along z) up to a multiple of the patch; ``chunk_slices``
@@ -220,7 +243,8 @@ def volume_chunks(image: np.ndarray, patch_size: int = 16, chunk_slices: int | N
     (L, C*p^3), ``pos`` (L, 3) with z counted from the chunk's first slice (as in training), ``grid``,
     ``z0``, ``z1`` (its slices in the volume, z1 may pass the end where padded). ``tile_yx`` (multiples of the
     patch) also cuts each slab in-plane into windows of that size overlapping by half (as a model trained on
-    ``crop_yx`` crops saw them); each chunk then has ``y0``, ``x0`` too.
+    ``crop_yx`` crops saw them); each chunk then has ``y0``, ``x0`` too. ``z_overlap``: slabs overlap by half
+    along z as well (a finding cut by one slab's edge is whole in the next).
     """
     p = patch_size
     if image.ndim == 3:
@@ -236,10 +260,11 @@ def volume_chunks(image: np.ndarray, patch_size: int = 16, chunk_slices: int | N
     else:
         size_yx = list(tile_yx)
         starts = [[y0, x0] for y0 in _tile_starts(ny, size_yx[0]) for x0 in _tile_starts(nx, size_yx[1])]
-    step = chunk_slices or _round_up(nz, p)
+    thick = chunk_slices or _round_up(nz, p)
+    z_starts = _tile_starts(nz, thick) if z_overlap and chunk_slices else list(range(0, nz, thick))
     chunks = []
-    for z0 in range(0, nz, step):
-        t = min(step, _round_up(nz - z0, p))
+    for z0 in z_starts:
+        t = min(thick, _round_up(nz - z0, p))
         for start_yx in starts:
             window, _ = read_window(image, [z0, *start_yx], [t, *size_yx], pad_value)
             tokens, pos, grid = _chunk_tokens(window, p)
@@ -282,15 +307,10 @@ class ChunkTextDataset(torch.utils.data.Dataset):
 
     def _masks(self, v: int) -> tuple[np.ndarray | None, dict[str, list[int]]]:
         """The volume's organ masks (uint8 labels or uint32 region bits) and sentence -> ids / bits, or (None, {})."""
-        entry = self.source.entry(v)
-        sentences = entry.get("sentences") or {}
-        regions = self.source.regions(v) if hasattr(self.source, "regions") else None
-        if regions is not None:
-            mapping = {name: [r] for r, name in enumerate(entry.get("regions", [])) if name in sentences}
-            return (regions, mapping) if mapping else (None, {})
-        label = self.source.label(v)
-        mapping = {name: ids for name, ids in sentence_labels(entry).items() if name in sentences}
-        return (label, mapping) if label is not None and mapping else (None, {})
+        sentences = self.source.entry(v).get("sentences") or {}
+        masks, every = organ_masks(self.source, v)
+        mapping = {name: ids for name, ids in every.items() if name in sentences}
+        return (masks, mapping) if masks is not None and mapping else (None, {})
 
     def _volume_counts(self, v: int, masks: np.ndarray) -> np.ndarray:
         """Voxels per label id in the whole volume: read once per volume, then kept (a few KB each)."""
@@ -426,11 +446,9 @@ class ChunkTextDataset(torch.utils.data.Dataset):
         return points
 
     def _organs(self, v: int, masks: np.ndarray, mapping, start_zyx, size_zyx) -> list[str]:
-        lo = [max(0, s) for s in start_zyx]
-        hi = [min(n, s + k) for n, s, k in zip(masks.shape, start_zyx, size_zyx)]
-        chunk = np.asarray(masks[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]])  # real voxels only
         cfg = self.cfg
-        shown = organs_in_chunk(chunk, self._volume_counts(v, masks), mapping, cfg.organ_fraction, cfg.chunk_fraction)
+        shown = window_organs(masks, self._volume_counts(v, masks), mapping, start_zyx, size_zyx,
+                              cfg.organ_fraction, cfg.chunk_fraction)
         boxes = self.source.entry(v).get("boxes") or []
         if cfg.lesion_fraction <= 0 or not boxes:
             return shown

@@ -23,6 +23,13 @@ class PhantomConfig:
     size_xy: int = 128
     max_slices: int = 160
     version: int = 1  # phantom generation (voxseq.data.phantoms): 2 = overlapping intensities, textures
+    findings: str = "basic"  # CT findings: basic (six) or ct-rate (the CT-RATE labels a phantom models, at its rates)
+
+    def __post_init__(self) -> None:
+        from voxseq.data.phantoms import FINDING_SETS
+
+        if self.findings not in FINDING_SETS:
+            raise VoxseqError(f"data.phantoms.findings must be one of {', '.join(FINDING_SETS)}, not {self.findings!r}")
 
 
 @dataclass
@@ -87,11 +94,12 @@ def gather_records(cfg: DataConfig, work_dir: Path, progress: bool = True) -> li
 
         pc = cfg.phantoms
         folder = work_dir / (f"phantoms_ct{pc.n_ct}_mri{pc.n_mri}_seed{pc.seed}_{pc.size_xy}"
-                             + (f"_v{pc.version}" if pc.version > 1 else ""))
+                             + (f"_v{pc.version}" if pc.version > 1 else "")
+                             + (f"_{pc.findings.replace('-', '')}" if pc.findings != "basic" else ""))
         manifest = folder / "manifest.jsonl"
         if not manifest.is_file():
             write_phantoms(folder, n_ct=pc.n_ct, n_mri=pc.n_mri, seed=pc.seed, size_xy=pc.size_xy,
-                           max_slices=pc.max_slices, progress=progress, version=pc.version)
+                           max_slices=pc.max_slices, progress=progress, version=pc.version, findings=pc.findings)
         records += read_manifest(manifest)
     if cfg.samples:
         records += sample_records()

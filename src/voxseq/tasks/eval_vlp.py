@@ -125,8 +125,57 @@ def organ_chunks(cache: Cache, meta: dict[str, Any], n_chunks: int, seed: int = 
     items = [ds[i] for i in _progress(range(n_chunks), "zero-shot: drawing organ chunks")]
     return [it for it in items if it["organs"]]  # not the report fallback
 
+def volume_tiles(model, cache: Cache, rows: list[int], meta: dict[str, Any], slices: int | None = None
+                 ) -> tuple[list[np.ndarray], list[list[list[str]]] | None]:
+    """Each volume as tiles of the checkpoint's training chunk (its thickness, or ``slices``; its in-plane
+    crop), overlapping by half along every axis: their (n_tiles, D) embeddings per volume, and the organs each
+    tile shows by the organ masks (the training rule: ``chunks.organ_fraction`` / ``chunk_fraction``), or None
+    when some volume has no masks."""
+    from voxseq.sequence.chunks import label_counts, organ_masks, volume_chunks, window_organs
+
+    ccfg = from_dict(ChunkConfig, meta["config"]["chunks"])
+    p, thick = model.cfg.vision.patch_size, slices or ccfg.max_slices
+    emb, organs = [], []
+    for i in _progress(rows, "zero-shot: embedding volume tiles"):
+        image = cache.image(i)
+        tiles = volume_chunks(image, p, thick, _pad_value(meta), ccfg.crop_yx, z_overlap=True)
+        emb.append(embed_items(model, tiles))
+        masks, mapping = organ_masks(cache, i)
+        if masks is None or organs is None:
+            organs = None
+            continue
+        counts = label_counts(masks, len(cache.entry(i).get("regions", [])))
+        ny, nx = image.shape[2:]
+        shown = []
+        for t in tiles:
+            gy, gx = t["grid"][1] * p, t["grid"][2] * p
+            start = [t["z0"], t.get("y0", -((gy - ny) // 2)), t.get("x0", -((gx - nx) // 2))]
+            shown.append(window_organs(masks, counts, mapping, start, [t["z1"] - t["z0"], gy, gx],
+                                       ccfg.organ_fraction, ccfg.chunk_fraction))
+        organs.append(shown)
+    return emb, organs
+
+
+def aggregation_comparison(tile_p: list[np.ndarray], mask_organs, prompt_organs_, label_organs: list[str | None],
+                           truth: np.ndarray, names: list[str], k: int) -> dict[str, Any]:
+    """Mean and per-label AUROC of every localisation x pool from the same tile probabilities."""
+    from voxseq.eval.metrics import multilabel_report
+    from voxseq.eval.zero_shot import POOLS, localised_scores
+
+    out: dict[str, Any] = {}
+    for loc, organs in (("masks", mask_organs), ("prompts", prompt_organs_), ("none", None)):
+        if loc != "none" and organs is None:
+            continue
+        out[loc] = {}
+        for pool in POOLS:
+            r = multilabel_report(truth, localised_scores(tile_p, organs, label_organs, pool, k), names)
+            out[loc][pool] = {"mean_auc": r["mean_auc"], "auc": {n: m.get("auc") for n, m in r["per_label"].items()}}
+    return out
+
+
 def run_zero_shot(checkpoint: str | Path, source: str | Path, out: str | Path, *, prompts: str | Path | None = None,
-                  labels: list[str] | None = None, aggregate: str = "volume", chunk_slices: int = 32,
+                  labels: list[str] | None = None, aggregate: str = "volume", chunk_slices: int | None = None,
+                  pool: str = "topk", top_k: int = 3, localise: str = "auto",
                   split: str | None = None, organ_chunks_n: int = 200, organ_chunk_slices: int | None = None,
                   organ_template: str = ORGAN_TEMPLATE, nonfinite: str = "error",
                   operating_point: str | float | None = "youden", bootstrap: int = 1000,
@@ -134,13 +183,26 @@ def run_zero_shot(checkpoint: str | Path, source: str | Path, out: str | Path, *
     """Zero-shot abnormality (and organ) classification; writes zero_shot.json, zero_shot.md, roc.png and
     zero_shot_predictions.csv.
 
+    ``aggregate``: ``volume`` (one embedding of the whole volume), ``chunks`` (the highest score over z-chunks
+    of ``chunk_slices``, default 32, and in-plane tiles of the training crop) or ``organ``: tiles of the training
+    chunk overlapping by half, and each label scored by ``pool`` (``top_k``) over the tiles that show its organ
+    (the prompts file's third item), found by the organ masks or, without masks, by the organ prompts
+    (``localise`` auto / masks / prompts / none); every localisation x pool is also reported
+    (``aggregation.comparison``) from the same tiles.
     ``operating_point``: youden, corner or a fixed threshold on P(present), for the abnormality and
     finding-in-organ metrics (organ classification scores similarities and keeps Youden's J). ``bootstrap``:
     resamples of the volumes for the 95% intervals (0: none), drawn from ``bootstrap_seed``."""
-    from voxseq.eval.metrics import multilabel_report
+    from voxseq.eval.metrics import multilabel_report, pair_softmax_scores
+    from voxseq.eval.zero_shot import LOCALISERS, POOLS, localised_scores, prompt_localised_organs
 
-    if aggregate not in ("volume", "chunks"):
-        raise VoxseqError(f"aggregate must be volume or chunks, not {aggregate!r}")
+    if aggregate not in ("volume", "chunks", "organ"):
+        raise VoxseqError(f"aggregate must be volume, chunks or organ, not {aggregate!r}")
+    if pool not in POOLS:
+        raise VoxseqError(f"pool must be one of {', '.join(POOLS)}, not {pool!r}")
+    if localise not in ("auto", *LOCALISERS):
+        raise VoxseqError(f"localise must be auto, {', '.join(LOCALISERS)}, not {localise!r}")
+    if top_k < 1:
+        raise VoxseqError(f"top-k must be at least 1, not {top_k}")
     if bootstrap < 0:
         raise VoxseqError(f"bootstrap must be a number of resamples (0 for none), not {bootstrap}")
     rule, threshold = parse_operating_point(operating_point)
@@ -156,16 +218,38 @@ def run_zero_shot(checkpoint: str | Path, source: str | Path, out: str | Path, *
         raise VoxseqError(f"{prompts}: no prompts for label(s) {', '.join(missing)}")
     rows = [i for i, e in enumerate(entries) if all(n in e.get("classes", {}) for n in names)]
     pad = _pad_value(meta)
-    tile_yx = from_dict(ChunkConfig, meta["config"]["chunks"]).crop_yx if aggregate == "chunks" else None
-    emb = [embed_volume(model, cache.image(i), pad, None if aggregate == "volume" else chunk_slices, tile_yx)
-           for i in _progress(rows, "zero-shot: embedding volumes")]
     temperature = pair_temperature(model)
     pos = embed_prompts(model, tokenizer, [pairs[n][0] for n in names], max_len)
     neg = embed_prompts(model, tokenizer, [pairs[n][1] for n in names], max_len)
-    scores = abnormality_scores(emb, pos, neg, temperature)
     truth = np.array([[entries[i]["classes"][n] for n in names] for i in rows], dtype=int)
+    tile_yx = from_dict(ChunkConfig, meta["config"]["chunks"]).crop_yx if aggregate != "volume" else None
+    aggregation = None
+    if aggregate == "organ":
+        organ_of = prompt_organs(prompts)
+        label_organs = [organ_of.get(n) for n in names]
+        emb, mask_organs = volume_tiles(model, cache, rows, meta, chunk_slices)
+        tile_p = [pair_softmax_scores(e, pos, neg, temperature) for e in emb]
+        organ_names = sorted({o for o in label_organs if o})
+        by_prompt = None
+        if len(organ_names) >= 2:
+            organ_emb = embed_texts(model, tokenizer, [organ_template.format(o) for o in organ_names], max_len)
+            by_prompt = [prompt_localised_organs(e, organ_emb, organ_names) for e in emb]
+        used = localise if localise != "auto" else ("masks" if mask_organs is not None else "prompts")
+        if used == "masks" and mask_organs is None:
+            raise VoxseqError(f"{source}: --localise masks needs organ masks for every volume; use prompts")
+        chosen = {"masks": mask_organs, "prompts": by_prompt, "none": None}[used]
+        scores = localised_scores(tile_p, chosen, label_organs, pool, top_k)
+        aggregation = {"localise": used, "pool": pool, "top_k": top_k, "label_organs": dict(zip(names, label_organs)),
+                       "tiles_per_volume": [int(len(e)) for e in emb],
+                       "comparison": aggregation_comparison(tile_p, mask_organs, by_prompt, label_organs, truth, names,
+                                                            top_k)}
+    else:
+        emb = [embed_volume(model, cache.image(i), pad, None if aggregate == "volume" else chunk_slices or 32, tile_yx)
+               for i in _progress(rows, "zero-shot: embedding volumes")]
+        scores = abnormality_scores(emb, pos, neg, temperature)
     ids = [str(entries[i]["id"]) for i in rows]
     result = {"checkpoint": str(checkpoint), "source": str(source), "aggregate": aggregate, "tile_yx": tile_yx,
+              **({"aggregation": aggregation} if aggregation else {}),
               "organ_chunk_slices": organ_chunk_slices,
               "n_volumes": len(rows), "slices": [int(cache.image(i).shape[1]) for i in rows],
               "prompts": {n: [p if isinstance(p, str) else list(p) for p in pairs[n]] for n in names},

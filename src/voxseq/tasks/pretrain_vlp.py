@@ -45,6 +45,7 @@ class VLPPretrainConfig:
     model: VLPModelConfig = field(default_factory=VLPModelConfig)
     chunks: ChunkConfig = field(default_factory=ChunkConfig)
     data: DataConfig = field(default_factory=_vlp_data)
+    init: str | None = None  # an AR-SSL4M (or MAE) run or checkpoint whose encoder starts the vision tower
     chunks_per_batch: int = 32  # chunk-text pairs per process and step (the SigLIP batch)
     max_tokens: int = 4096  # tokens per packed row
     text_max_length: int | None = None  # None: model.text_max_length
@@ -101,6 +102,8 @@ class VLPPretrainTask(TrainTask):
 
     def build_model(self, ctx: RunContext) -> SigVLP:
         self.model = SigVLP(self.cfg.model, SIGLIP_INIT_LOGIT_SCALE, SIGLIP_INIT_LOGIT_BIAS)
+        # a resumed run then loads its own checkpoint over these weights
+        self.init_report = init_vision_tower(self.model, self.cfg.init) if self.cfg.init else None
         return self.model
 
     def build_optimizers(self, model, ctx):
@@ -116,7 +119,8 @@ class VLPPretrainTask(TrainTask):
 
     def meta(self, final: bool) -> dict[str, Any]:
         return {"task": "pretrain-vlp", "config": to_dict(self.cfg), "preprocess": to_dict(self.source.preprocess),
-                **vlp_meta(self.cfg.model), "model_class": model_class_name(SigVLP)}
+                **vlp_meta(self.cfg.model), "model_class": model_class_name(SigVLP),
+                **({"init": self.init_report} if self.init_report else {})}
 
     def start(self, step: int, ctx: RunContext) -> None:
         cfg = self.cfg
@@ -165,6 +169,49 @@ def run_pretrain_vlp(cfg: VLPPretrainConfig, out: str | Path, *, resume: bool = 
 
 # ---------------------------------------------------------------------------- loading and figures
 
+INIT_ARCHITECTURE = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias")
+
+
+def init_vision_tower(model: SigVLP, path: str | Path) -> dict[str, Any]:
+    """Start ``model``'s vision tower from the encoder of a voxseq run or checkpoint (AR-SSL4M, MAE, another
+    SigVLP): every transformer weight, the patch embedding and the final norm. Returns what was loaded.
+
+    Positions need no conversion: voxseq's sin-cos encodings (AR, MAE) are computed from the token grid, not
+    learned, so there is nothing to carry over; the rotary tower applies its own 3D rotary positions inside
+    attention, and the pretrained weights learn to read them during SigVLP training. The AR start token is
+    left behind (SigVLP reads chunks without one). A patch embedding of another channel count is inflated
+    (one channel spread evenly over several) or summed (several into one), so a 1-channel AR run starts a
+    3-window CT tower. The architecture (``INIT_ARCHITECTURE``) must match."""
+    from voxseq.models.hub import encoder_config, load_checkpoint, load_encoder_weights
+
+    ck = load_checkpoint(path)
+    src, dst = encoder_config(ck.meta), model.cfg.vision
+    differ = [f for f in INIT_ARCHITECTURE if getattr(src, f) != getattr(dst, f)]
+    if differ:
+        raise VoxseqError(f"{path}: its encoder does not match model.vision in {', '.join(differ)}; set "
+                          + " ".join(f"model.vision.{f}={getattr(src, f)}" for f in differ) + " to start from it")
+    state = dict(ck.state_dict)
+    key = "encoder.patch_embed.weight"
+    note = ""
+    if key in state and state[key].shape[1] != dst.in_chans:
+        w, c = state[key], state[key].shape[1]
+        if c == 1:
+            state[key] = w.repeat(1, dst.in_chans, 1, 1, 1) / dst.in_chans
+        elif dst.in_chans == 1:
+            state[key] = w.sum(1, keepdim=True)
+        else:
+            raise VoxseqError(f"{path}: its patch embedding reads {c} channels, model.vision.in_chans is {dst.in_chans}; "
+                              "only 1 -> n and n -> 1 can be converted")
+        note = f"; patch embedding {c} -> {dst.in_chans} channel(s)"
+    ck.state_dict = state
+    report = load_encoder_weights(model.encoder, ck)
+    if report.missing or report.mismatched or not report.loaded:
+        raise VoxseqError(f"{path}: the encoder weights do not fit the vision tower:\n{report.summary()}")
+    return {"path": str(path), "from_task": ck.meta.get("task"), "from_pos_embed": src.pos_embed,
+            "loaded": len(report.loaded), "summary": f"loaded {len(report.loaded)} tensors from a "
+            f"{ck.meta.get('task', 'voxseq')} encoder ({src.pos_embed} positions -> rotary){note}"}
+
+
 
 def vlp_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[SigVLP, Preprocess, dict[str, Any]]:
     """(SigVLP with the checkpoint's weights, its preprocessing, metadata) from a checkpoint or run folder."""
@@ -206,4 +253,4 @@ def make_vlp_plots(run_dir: Path, cfg: VLPPretrainConfig, dataset: ChunkTextData
                             run_dir / "plots" / "similarity.png")]
 
 
-__all__ = ["VLPPretrainConfig", "VLPPretrainTask", "load_vlp_config", "make_vlp_plots", "run_pretrain_vlp", "tokenize", "vlp_from_checkpoint"]
+__all__ = ["INIT_ARCHITECTURE", "VLPPretrainConfig", "VLPPretrainTask", "init_vision_tower", "load_vlp_config", "make_vlp_plots", "run_pretrain_vlp", "tokenize", "vlp_from_checkpoint"]
