@@ -383,12 +383,19 @@ def evaluate_retrieval(
     out: Path = typer.Option(..., "--out", "-o", help="Folder for retrieval.json/.md."),
     split: Optional[str] = typer.Option(None, "--split", help="Only this split of the data."),
     nonfinite: str = typer.Option("error", "--nonfinite", help=NONFINITE_HELP),
+    aggregate: str = typer.Option("volume", "--aggregate", help="volume: one embedding per whole volume and per "
+                                  "report; organ: tiles of the training chunk, each report sentence matched to the "
+                                  "tiles that show its organ."),
+    top_k: int = typer.Option(3, "--top-k", min=1, help="With --aggregate organ: tiles averaged per sentence."),
+    localise: str = typer.Option("auto", "--localise", help="With --aggregate organ: masks, prompts, none or auto "
+                                 "(masks when every volume has them)."),
 ) -> None:
     """Volume -> report and report -> volume retrieval, recall@1/5/10/50/100; volume -> volume MAP@k over the
     binary labels every volume carries (relevant: sharing a positive label)."""
     from voxseq.tasks.eval_vlp import run_retrieval
 
-    r = run_retrieval(checkpoint, source, out, split=split, nonfinite=_reads_volumes(nonfinite))
+    r = run_retrieval(checkpoint, source, out, split=split, nonfinite=_reads_volumes(nonfinite), aggregate=aggregate,
+                      top_k=top_k, localise=localise)
     for d in ("volume_to_report", "report_to_volume", "volume_to_volume"):
         if d in r:
             typer.echo(f"{d:18s} " + "  ".join(f"{k} {v:.3f}" for k, v in r[d].items()))

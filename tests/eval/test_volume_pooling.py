@@ -89,3 +89,23 @@ def test_batched_chunk_embedding_equals_one_forward_per_chunk():
                                  for b in (collate_packed([it], it["tokens"].shape[0]) for it in items)])
     np.testing.assert_allclose(batched, single, atol=1e-5)
     assert batched.shape == (len(items), 16)
+
+
+def test_report_sentences_meet_the_tiles_of_their_organ():
+    from voxseq.eval.retrieval import sentence_tile_similarity
+    from voxseq.tasks.eval_vlp import report_sentences
+
+    sent = np.eye(3, dtype=np.float32)  # 0: a lung sentence, 1: a liver sentence, 2: a sentence with no organ
+    tiles = [np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1]], np.float32),  # volume 0: lung tile, liver tile, other
+             np.array([[0, 1, 0], [0, 1, 0]], np.float32)]  # volume 1: liver tiles only
+    organs = [[["lung"], ["liver"], []], [["liver"], ["liver"]]]
+    reports = [[("lung", 0), ("liver", 1)], [("liver", 1)], [(None, 2)]]
+    sim = sentence_tile_similarity(tiles, organs, reports, sent, k=1)
+    # report 0 in volume 0: lung sentence meets the lung tile (1), liver sentence the liver tile (1)
+    # report 0 in volume 1: no lung tile, so the lung sentence meets every tile (0); the liver one 1
+    np.testing.assert_allclose(sim, [[1.0, 0.5], [1.0, 1.0], [1.0, 0.0]])
+    # organs unknown: every sentence meets every tile
+    np.testing.assert_allclose(sentence_tile_similarity(tiles, None, reports, sent, k=1), [[1, 0.5], [1, 1], [1, 0]])
+    assert report_sentences({"sentences": {"lung": "The lungs are clear.", "heart": " "}}) == [("lung", "The lungs are clear.")]
+    assert report_sentences({"text": "No nodule. Heart normal!  Aorta fine."}) == \
+        [(None, "No nodule."), (None, "Heart normal!"), (None, "Aorta fine.")]

@@ -42,12 +42,21 @@ def test_demo_quick_end_to_end(tmp_path):
     assert set(zs["auc"]) == {"lung nodule", "pleural effusion", "cardiomegaly", "liver lesion", "kidney cyst",
                               "bone lesion"}
     assert zs["mean_auc"] is None or 0.0 <= zs["mean_auc"] <= 1.0
+    # volume scores pool the tiles that show each label's organ (masks), with 95% bootstrap intervals
+    assert (zs["aggregate"], zs["localise"], zs["pool"]) == ("organ", "masks", "topk")
+    ci = zs["mean_auc_ci"]
+    assert ci is None or ci[0] <= zs["mean_auc"] <= ci[1]
+    if ci is not None:
+        from voxseq.tasks.demo import zero_shot_verdict
+
+        assert ("not above chance" in zero_shot_verdict(zs)) == (ci[0] <= 0.5)
     assert 0.0 <= zs["organ_top1"] <= 1.0 and 0.0 < zs["organ_chance"] <= zs["organ_majority"] < 1.0
     # above chance: each organ prompt ranks the 200 held-out chunks that show its organ first (0.68 measured with
     # --quick's 50 SigVLP steps); top-1 across prompts is not above the most-frequent-organ baseline at this size
     assert zs["organ_mean_auc"] > 0.6
 
     rt = m["retrieval"]
+    assert rt["aggregate"] == "organ"
     for d in ("volume_to_report", "report_to_volume"):
         assert list(rt[d]) == ["R@1", "R@5", "R@10"] and all(0.0 <= v <= 1.0 for v in rt[d].values())
         assert rt[d]["R@10"] == 1.0  # 8 held-out volumes: every report is in the top 10

@@ -169,6 +169,26 @@ def test_zero_shot_retrieval_embed_and_finetune_take_the_checkpoint(tmp_path, tr
     assert r2["rule"] == "fixed" and r2["per_label"]["liver lesion"]["threshold"] == 0.5 and "bootstrap" not in r2
     assert 0 < r2["organ_classification"]["n_chunks"] <= 30 and "32 slices each" in (tmp_path / "zs2" / "zero_shot.md").read_text()
 
+    # volume scores from tiles of the training chunk, each label pooled over the tiles that show its organ
+    assert main(["evaluate", "zero-shot", "--checkpoint", str(trained), "--aggregate", "organ", "--pool", "max",
+                 "--prompts", str(PROMPTS), "--out", str(tmp_path / "zs3"), str(out / "cache"), "--organ-chunks", "10",
+                 "--bootstrap", "0"]) == 0
+    r3 = json.loads((tmp_path / "zs3" / "zero_shot.json").read_text())
+    a = r3["aggregation"]
+    assert (a["localise"], a["pool"], a["top_k"]) == ("masks", "max", 3) and len(a["tiles_per_volume"]) == 4
+    assert a["label_organs"]["liver lesion"] == "liver" and a["label_organs"]["pleural effusion"] is None
+    assert set(a["comparison"]) == {"masks", "prompts", "none"}
+    assert all(set(row) == {"topk", "max", "noisy-or", "mean"} for row in a["comparison"].values())
+    assert a["comparison"]["masks"]["max"]["mean_auc"] == pytest.approx(r3["mean_auc"], nan_ok=True)
+    assert "Volume scores from tiles" in (tmp_path / "zs3" / "zero_shot.md").read_text()
+    assert main(["evaluate", "zero-shot", "--checkpoint", str(trained), "--aggregate", "organ", "--pool", "median",
+                 "--out", str(tmp_path / "zs4"), str(out / "cache")]) == 2
+
+    assert main(["evaluate", "retrieval", "--checkpoint", str(trained), "--aggregate", "organ",
+                 "--out", str(tmp_path / "rt2"), str(out / "cache")]) == 0
+    rt2 = json.loads((tmp_path / "rt2" / "retrieval.json").read_text())
+    assert rt2["aggregate"] == "organ" and rt2["localise"] == "masks" and rt2["volume_to_report"]["R@5"] == 1.0
+    assert "MAP@5" in rt2["volume_to_volume"]
     assert main(["evaluate", "retrieval", "--checkpoint", str(trained), "--out", str(tmp_path / "rt"), str(out / "cache")]) == 0
     rt = json.loads((tmp_path / "rt" / "retrieval.json").read_text())
     assert rt["n"] == 4 and rt["volume_to_report"]["R@5"] == 1.0  # 4 volumes: every report is in the top 5

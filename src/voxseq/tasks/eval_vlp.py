@@ -276,30 +276,72 @@ def run_zero_shot(checkpoint: str | Path, source: str | Path, out: str | Path, *
 # ---------------------------------------------------------------------------- retrieval
 
 
+def report_sentences(entry: dict[str, Any]) -> list[tuple[str | None, str]]:
+    """(organ, sentence) pairs of a volume's report: its organ-wise sentences when the data has them
+    (``sentences``), else the report text cut into sentences (no organ)."""
+    import re
+
+    if entry.get("sentences"):
+        return [(organ, text) for organ, text in entry["sentences"].items() if text.strip()]
+    return [(None, t.strip()) for t in re.split(r"(?<=[.!?])\s+", entry.get("text") or "") if t.strip()]
+
+
 def run_retrieval(checkpoint: str | Path, source: str | Path, out: str | Path, *, split: str | None = None,
-                  ks: tuple[int, ...] = (1, 5, 10, 50, 100), nonfinite: str = "error") -> dict[str, Any]:
+                  ks: tuple[int, ...] = (1, 5, 10, 50, 100), nonfinite: str = "error", aggregate: str = "volume",
+                  top_k: int = 3, localise: str = "auto") -> dict[str, Any]:
     """Volume -> report and report -> volume recall@k, and volume -> volume MAP@k over the binary labels
     every volume carries (two volumes relevant when they share a positive one); writes retrieval.json and
-    retrieval.md."""
+    retrieval.md. ``aggregate``: ``volume`` (one embedding per whole volume and one per report) or ``organ``
+    (tiles of the training chunk; each report sentence matched to the tiles showing its organ, by masks or
+    organ prompts as ``localise`` says, top-``top_k`` cosine, averaged over the report; volume -> volume uses
+    the mean tile embedding)."""
+    from voxseq.eval.retrieval import sentence_tile_similarity
+    from voxseq.eval.zero_shot import prompt_localised_organs
+
+    if aggregate not in ("volume", "organ"):
+        raise VoxseqError(f"aggregate must be volume or organ, not {aggregate!r}")
+    if localise not in ("auto", "masks", "prompts", "none"):
+        raise VoxseqError(f"localise must be auto, masks, prompts or none, not {localise!r}")
     out = Path(out)
     model, tokenizer, max_len, meta, cache = load_for_evaluation(checkpoint, source, out, split, nonfinite)
     rows = [i for i in range(len(cache)) if (cache.entry(i).get("text") or "").strip()]
     if len(rows) < 2:
         raise VoxseqError(f"{source}: retrieval needs at least two volumes with a report (text)")
     pad = _pad_value(meta)
-    img = np.concatenate([embed_volume(model, cache.image(i), pad) for i in _progress(rows, "retrieval: embedding volumes")])
-    txt = embed_texts(model, tokenizer, [cache.entry(i)["text"] for i in rows], max_len)
     labels = shared_binary_labels([cache.entry(i) for i in rows])
     truth = np.array([[cache.entry(i)["classes"][n] for n in labels] for i in rows], dtype=int) if labels else None
-    scores = retrieval_results(img, txt, truth, labels, ks)
+    extra: dict[str, Any] = {}
+    if aggregate == "organ":
+        tiles, mask_organs = volume_tiles(model, cache, rows, meta)
+        reports = [report_sentences(cache.entry(i)) for i in rows]
+        texts = sorted({t for r in reports for _, t in r})
+        sent_emb = embed_texts(model, tokenizer, texts, max_len)
+        at = {t: j for j, t in enumerate(texts)}
+        organs = sorted({o for r in reports for o, _ in r if o})
+        used = localise if localise != "auto" else ("masks" if mask_organs is not None else "prompts")
+        if used == "masks" and mask_organs is None:
+            raise VoxseqError(f"{source}: --localise masks needs organ masks for every volume; use prompts")
+        chosen = mask_organs if used == "masks" else None
+        if used == "prompts" and len(organs) >= 2:
+            organ_emb = embed_texts(model, tokenizer, [ORGAN_TEMPLATE.format(o) for o in organs], max_len)
+            chosen = [prompt_localised_organs(e, organ_emb, organs) for e in tiles]
+        sim = sentence_tile_similarity(tiles, chosen, [[(o, at[t]) for o, t in r] for r in reports], sent_emb, top_k).T
+        img = np.stack([e.mean(axis=0) for e in tiles])
+        scores = retrieval_results(img, None, truth, labels, ks, sim=sim)
+        extra = {"localise": used, "top_k": top_k, "tiles_per_volume": [int(len(e)) for e in tiles]}
+    else:
+        img = np.concatenate([embed_volume(model, cache.image(i), pad) for i in _progress(rows, "retrieval: embedding volumes")])
+        txt = embed_texts(model, tokenizer, [cache.entry(i)["text"] for i in rows], max_len)
+        scores = retrieval_results(img, txt, truth, labels, ks)
     by_volume = {k: v for k, v in scores.items() if k.startswith("volume_to_volume")}
-    result = {"checkpoint": str(checkpoint), "source": str(source), **{k: v for k, v in scores.items() if k not in by_volume},
+    result = {"checkpoint": str(checkpoint), "source": str(source), "aggregate": aggregate, **extra,
+              **{k: v for k, v in scores.items() if k not in by_volume},
               "ids": [str(cache.entry(i)["id"]) for i in rows], **by_volume}
     (out / "retrieval.json").write_text(json.dumps(result, indent=1))
     (out / "retrieval.md").write_text(retrieval_markdown(result, ks))
     return result
 
 
-__all__ = ["embed_items", "embed_prompts", "embed_texts", "embed_volume", "evaluation_cache", "finding_classification",
+__all__ = ["aggregation_comparison", "report_sentences", "volume_tiles", "embed_items", "embed_prompts", "embed_texts", "embed_volume", "evaluation_cache", "finding_classification",
            "load_prompts", "organ_chunks", "organ_classification", "parse_operating_point", "prompt_organs", "run_retrieval",
            "run_zero_shot", "shared_binary_labels", "write_predictions"]
