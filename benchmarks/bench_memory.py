@@ -20,7 +20,7 @@ samples are the same count for every size, so a flat anonymous profile means not
 grows with the corpus; the mapped pages grow with the number of distinct volumes a run has touched,
 up to ``max_open`` volumes' worth (``mapped_bound_mb``), whatever the corpus size.
 
-Usage: python benchmarks/bench_memory.py [--quick]. The last line printed is one JSON object.
+Usage: python benchmarks/bench_memory.py [--quick] [--sizes 0.25,16]. The last line printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -179,6 +179,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="caches of 0.1, 0.4, 1.6 GB and fewer samples")
     ap.add_argument("--samples", type=int, default=None, help="samples per measurement (default 300; --quick 150)")
     ap.add_argument("--steps", type=int, default=None, help="training steps per measurement (default 60; --quick 20)")
+    ap.add_argument("--sizes", default=None, help="cache sizes in GB, comma-separated (default 0.25,1,4; e.g. "
+                    "0.25,16 for a 16 GB corpus: about 1000 volumes written to the temporary folder, deleted after)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -186,7 +188,7 @@ def main() -> None:
         print(json.dumps((train_worker if sampler.endswith("_train") else worker)(cache_dir, sampler, n)))
         return
 
-    sizes = [0.1, 0.4, 1.6] if args.quick else [0.25, 1.0, 4.0]
+    sizes = [float(v) for v in args.sizes.split(",")] if args.sizes else [0.1, 0.4, 1.6] if args.quick else [0.25, 1.0, 4.0]
     n = args.samples or (150 if args.quick else 300)
     steps = args.steps or (20 if args.quick else 60)
     results: dict[str, dict[str, dict]] = {"ar": {}, "vlp": {}, "ar_open4": {}, "ar_train": {}, "vlp_train": {}}

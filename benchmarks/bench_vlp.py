@@ -66,8 +66,8 @@ def padded_batch(items: list[dict]) -> dict:
 
 def train_step(model, tokens: torch.Tensor, pos: torch.Tensor, make_mask: Callable[[], torch.Tensor | None],
                real: torch.Tensor, segment: torch.Tensor | None = None) -> Callable[[], None]:
-    """Forward + backward of a mean-square loss over the real tokens' features (the mask is built in the step,
-    as ``SigVLP.encode_chunks`` does; with ``segment``, attention runs within each segment instead)."""
+    """Forward + backward of a mean-square loss over the real tokens' features (the mask is built in the step;
+    with ``segment``, attention runs within each segment instead, as ``SigVLP.encode_chunks`` does)."""
     def step() -> None:
         feats = model.forward_tokens(tokens, pos, mask=make_mask(), segment=segment)  # (R, L, E)
         feats[real].pow(2).mean().backward()

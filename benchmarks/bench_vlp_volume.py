@@ -49,6 +49,7 @@ def part(name: str, quick: bool) -> dict:
 
     from voxseq.data.preprocess import preprocess
     from voxseq.eval.zero_shot import embed_items
+    from voxseq.models.vit3d import packed_attention_mask
     from voxseq.models.vlp import SigVLP
     from voxseq.sequence.chunks import collate_packed, volume_chunks
     from voxseq.tasks.pretrain_vlp import load_vlp_config
@@ -75,7 +76,8 @@ def part(name: str, quick: bool) -> dict:
                 emb = model.encode_rows(whole["tokens"][None], whole["pos"][None]).numpy()
             else:
                 b = collate_packed([whole], max_tokens=tokens)
-                emb = model.encode_chunks(b["tokens"], b["pos"], b["segment"], 1).numpy()
+                feats = model.encoder.forward_tokens(b["tokens"], b["pos"], mask=packed_attention_mask(b["segment"]))
+                emb = torch.nn.functional.normalize(model.vision_proj(model.pool(feats, b["segment"], 1)), dim=-1).numpy()
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"tokens": tokens, "seconds": round(seconds, 2), "peak_rss_mib": round(peak), "rss_before_mib": round(before),

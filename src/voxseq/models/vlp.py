@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from voxseq import VoxseqError
-from voxseq.models.vit3d import ViT3D, ViTConfig, packed_attention_mask
+from voxseq.models.vit3d import ViT3D, ViTConfig
 
 
 def _rope_vit() -> ViTConfig:
@@ -206,7 +206,9 @@ class SigVLP(nn.Module):
 
     def encode_chunks(self, tokens: torch.Tensor, pos: torch.Tensor, segment: torch.Tensor, n: int) -> torch.Tensor:
         """Packed rows (R, L, C*p^3), positions (R, L, 3), segment ids (R, L) -> (n, D) normalised."""
-        feats = self.encoder.forward_tokens(tokens, pos, mask=packed_attention_mask(segment))  # (R, L, E)
+        # attention within each chunk only, chunks of similar length batched through SDPA: never the L x L
+        # scores of a packed row, most of them masked (equal to mask=packed_attention_mask(segment))
+        feats = self.encoder.forward_tokens(tokens, pos, segment=segment)  # (R, L, E)
         return F.normalize(self.vision_proj(self.pool(feats, segment, n)), dim=-1)
 
     def encode_rows(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """`voxseq pretrain vlp`: SigVLP vision-language pretraining on CT chunks paired with organ sentences.
 
-Wires the cache, the chunk-text sampler (variable-thickness z-chunks packed into rows with
-block-diagonal attention), the SigVLP two-tower model and the SigLIP loss (negatives exchanged between
-ranks), with Muon for the hidden weight matrices + AdamW for the rest (or AdamW alone), as a task on
+Wires the cache, the chunk-text sampler (variable-thickness z-chunks packed into rows, each chunk
+attending to itself only, computed chunk by chunk), the SigVLP two-tower model and the SigLIP loss
+(negatives exchanged between ranks), with Muon for the hidden weight matrices + AdamW for the rest (or AdamW alone), as a task on
 the training engine (``voxseq.train.loop``): warmup + cosine, gradient clipping, bf16 autocast on
 GPUs, DDP/FSDP2 under torchrun, atomic checkpoints and exact resume (batches are a pure function of
 the step and rank).
