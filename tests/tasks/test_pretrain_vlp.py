@@ -181,6 +181,9 @@ def test_zero_shot_retrieval_embed_and_finetune_take_the_checkpoint(tmp_path, tr
     assert all(set(row) == {"topk", "max", "noisy-or", "mean"} for row in a["comparison"].values())
     assert a["comparison"]["masks"]["max"]["mean_auc"] == pytest.approx(r3["mean_auc"], nan_ok=True)
     assert "Volume scores from tiles" in (tmp_path / "zs3" / "zero_shot.md").read_text()
+    tiles = np.load(tmp_path / "zs3" / a["tiles"])  # every tile's scores, to pool again without embedding
+    assert tiles["p"].shape == (sum(a["tiles_per_volume"]), len(r3["per_label"])) and len(tiles["ids"]) == 4
+    assert tiles["shows"].shape == (len(tiles["p"]), len(tiles["organs"])) and "liver" in list(tiles["organs"])
     assert main(["evaluate", "zero-shot", "--checkpoint", str(trained), "--aggregate", "organ", "--pool", "median",
                  "--out", str(tmp_path / "zs4"), str(out / "cache")]) == 2
 

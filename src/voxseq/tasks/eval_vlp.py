@@ -156,6 +156,22 @@ def volume_tiles(model, cache: Cache, rows: list[int], meta: dict[str, Any], sli
     return emb, organs
 
 
+TILES_NPZ = "zero_shot_tiles.npz"  # every tile's P(present) per label (--aggregate organ), to pool again offline
+
+
+def save_tile_scores(path: Path, ids: list[str], names: list[str], tile_p: list[np.ndarray],
+                     tile_organs: list[list[list[str]]] | None, organs: list[str]) -> Path:
+    """Every tile's P(present) per label in one npz: ``p`` (T, K), ``volume`` (T,) row of ``ids``, ``labels``,
+    ``ids``, and with organ masks ``organs`` and ``shows`` (T, O) whether each tile shows each organ."""
+    arrays: dict[str, Any] = {"p": np.concatenate(tile_p).astype(np.float32), "labels": np.array(names),
+                              "ids": np.array(ids), "volume": np.repeat(np.arange(len(tile_p)), [len(t) for t in tile_p])}
+    if tile_organs is not None and organs:
+        arrays["organs"] = np.array(organs)
+        arrays["shows"] = np.array([[o in shown for o in organs] for v in tile_organs for shown in v], dtype=bool)
+    np.savez_compressed(path, **arrays)
+    return path
+
+
 def aggregation_comparison(tile_p: list[np.ndarray], mask_organs, prompt_organs_, label_organs: list[str | None],
                            truth: np.ndarray, names: list[str], k: int) -> dict[str, Any]:
     """Mean and per-label AUROC of every localisation x pool from the same tile probabilities."""
@@ -239,8 +255,9 @@ def run_zero_shot(checkpoint: str | Path, source: str | Path, out: str | Path, *
             raise VoxseqError(f"{source}: --localise masks needs organ masks for every volume; use prompts")
         chosen = {"masks": mask_organs, "prompts": by_prompt, "none": None}[used]
         scores = localised_scores(tile_p, chosen, label_organs, pool, top_k)
+        save_tile_scores(out / TILES_NPZ, [str(entries[i]["id"]) for i in rows], names, tile_p, mask_organs, organ_names)
         aggregation = {"localise": used, "pool": pool, "top_k": top_k, "label_organs": dict(zip(names, label_organs)),
-                       "tiles_per_volume": [int(len(e)) for e in emb],
+                       "tiles_per_volume": [int(len(e)) for e in emb], "tiles": TILES_NPZ,
                        "comparison": aggregation_comparison(tile_p, mask_organs, by_prompt, label_organs, truth, names,
                                                             top_k)}
     else:
