@@ -125,6 +125,7 @@ def organ_chunks(cache: Cache, meta: dict[str, Any], n_chunks: int, seed: int = 
     items = [ds[i] for i in _progress(range(n_chunks), "zero-shot: drawing organ chunks")]
     return [it for it in items if it["organs"]]  # not the report fallback
 
+
 def volume_tiles(model, cache: Cache, rows: list[int], meta: dict[str, Any], slices: int | None = None
                  ) -> tuple[list[np.ndarray], list[list[list[str]]] | None]:
     """Each volume as tiles of the checkpoint's training chunk (its thickness, or ``slices``; its in-plane
@@ -154,6 +155,25 @@ def volume_tiles(model, cache: Cache, rows: list[int], meta: dict[str, Any], sli
                                        ccfg.organ_fraction, ccfg.chunk_fraction))
         organs.append(shown)
     return emb, organs
+
+
+def prompt_tile_organs(model, tokenizer, tile_emb: list[np.ndarray], organs: list[str], max_len: int,
+                       template: str = ORGAN_TEMPLATE) -> list[list[list[str]]] | None:
+    """The organs each tile of each volume shows by the model's own organ prompts (None for fewer than 2 organs)."""
+    from voxseq.eval.zero_shot import prompt_localised_organs
+
+    if len(organs) < 2:
+        return None
+    organ_emb = embed_texts(model, tokenizer, [template.format(o) for o in organs], max_len)
+    return [prompt_localised_organs(e, organ_emb, organs) for e in tile_emb]
+
+
+def pick_localisation(localise: str, by_masks, by_prompts, source) -> tuple[str, list[list[list[str]]] | None]:
+    """(the localisation used, the organs of every tile by it): ``auto`` is masks when every volume has them."""
+    used = localise if localise != "auto" else ("masks" if by_masks is not None else "prompts")
+    if used == "masks" and by_masks is None:
+        raise VoxseqError(f"{source}: --localise masks needs organ masks for every volume; use prompts")
+    return used, {"masks": by_masks, "prompts": by_prompts, "none": None}[used]
 
 
 TILES_NPZ = "zero_shot_tiles.npz"  # every tile's P(present) per label (--aggregate organ), to pool again offline
@@ -209,7 +229,7 @@ def run_zero_shot(checkpoint: str | Path, source: str | Path, out: str | Path, *
     finding-in-organ metrics (organ classification scores similarities and keeps Youden's J). ``bootstrap``:
     resamples of the volumes for the 95% intervals (0: none), drawn from ``bootstrap_seed``."""
     from voxseq.eval.metrics import multilabel_report, pair_softmax_scores
-    from voxseq.eval.zero_shot import LOCALISERS, POOLS, localised_scores, prompt_localised_organs
+    from voxseq.eval.zero_shot import LOCALISERS, POOLS, localised_scores
 
     if aggregate not in ("volume", "chunks", "organ"):
         raise VoxseqError(f"aggregate must be volume, chunks or organ, not {aggregate!r}")
@@ -246,14 +266,8 @@ def run_zero_shot(checkpoint: str | Path, source: str | Path, out: str | Path, *
         emb, mask_organs = volume_tiles(model, cache, rows, meta, chunk_slices)
         tile_p = [pair_softmax_scores(e, pos, neg, temperature) for e in emb]
         organ_names = sorted({o for o in label_organs if o})
-        by_prompt = None
-        if len(organ_names) >= 2:
-            organ_emb = embed_texts(model, tokenizer, [organ_template.format(o) for o in organ_names], max_len)
-            by_prompt = [prompt_localised_organs(e, organ_emb, organ_names) for e in emb]
-        used = localise if localise != "auto" else ("masks" if mask_organs is not None else "prompts")
-        if used == "masks" and mask_organs is None:
-            raise VoxseqError(f"{source}: --localise masks needs organ masks for every volume; use prompts")
-        chosen = {"masks": mask_organs, "prompts": by_prompt, "none": None}[used]
+        by_prompt = prompt_tile_organs(model, tokenizer, emb, organ_names, max_len, organ_template)
+        used, chosen = pick_localisation(localise, mask_organs, by_prompt, source)
         scores = localised_scores(tile_p, chosen, label_organs, pool, top_k)
         save_tile_scores(out / TILES_NPZ, [str(entries[i]["id"]) for i in rows], names, tile_p, mask_organs, organ_names)
         aggregation = {"localise": used, "pool": pool, "top_k": top_k, "label_organs": dict(zip(names, label_organs)),
@@ -313,7 +327,6 @@ def run_retrieval(checkpoint: str | Path, source: str | Path, out: str | Path, *
     organ prompts as ``localise`` says, top-``top_k`` cosine, averaged over the report; volume -> volume uses
     the mean tile embedding)."""
     from voxseq.eval.retrieval import sentence_tile_similarity
-    from voxseq.eval.zero_shot import prompt_localised_organs
 
     if aggregate not in ("volume", "organ"):
         raise VoxseqError(f"aggregate must be volume or organ, not {aggregate!r}")
@@ -335,13 +348,9 @@ def run_retrieval(checkpoint: str | Path, source: str | Path, out: str | Path, *
         sent_emb = embed_texts(model, tokenizer, texts, max_len)
         at = {t: j for j, t in enumerate(texts)}
         organs = sorted({o for r in reports for o, _ in r if o})
-        used = localise if localise != "auto" else ("masks" if mask_organs is not None else "prompts")
-        if used == "masks" and mask_organs is None:
-            raise VoxseqError(f"{source}: --localise masks needs organ masks for every volume; use prompts")
-        chosen = mask_organs if used == "masks" else None
-        if used == "prompts" and len(organs) >= 2:
-            organ_emb = embed_texts(model, tokenizer, [ORGAN_TEMPLATE.format(o) for o in organs], max_len)
-            chosen = [prompt_localised_organs(e, organ_emb, organs) for e in tiles]
+        by_prompt = prompt_tile_organs(model, tokenizer, tiles, organs, max_len) \
+            if localise == "prompts" or (localise == "auto" and mask_organs is None) else None
+        used, chosen = pick_localisation(localise, mask_organs, by_prompt, source)
         sim = sentence_tile_similarity(tiles, chosen, [[(o, at[t]) for o, t in r] for r in reports], sent_emb, top_k).T
         img = np.stack([e.mean(axis=0) for e in tiles])
         scores = retrieval_results(img, None, truth, labels, ks, sim=sim)
@@ -359,6 +368,7 @@ def run_retrieval(checkpoint: str | Path, source: str | Path, out: str | Path, *
     return result
 
 
-__all__ = ["aggregation_comparison", "report_sentences", "volume_tiles", "embed_items", "embed_prompts", "embed_texts", "embed_volume", "evaluation_cache", "finding_classification",
+__all__ = ["aggregation_comparison", "pick_localisation", "prompt_tile_organs", "report_sentences", "save_tile_scores",
+           "volume_tiles", "embed_items", "embed_prompts", "embed_texts", "embed_volume", "evaluation_cache", "finding_classification",
            "load_prompts", "organ_chunks", "organ_classification", "parse_operating_point", "prompt_organs", "run_retrieval",
            "run_zero_shot", "shared_binary_labels", "write_predictions"]
