@@ -617,9 +617,32 @@ def demo(
     run_demo(out, quick=quick, fresh=fresh)
 
 
+def _leave_process_group(finished: bool) -> None:
+    """A command run under torchrun leaves its process group before the interpreter exits: left to the exit
+    handlers, gloo's threads can be torn down while still running and abort the process (SIGABRT). After a
+    finished command the ranks first meet at a barrier; after an error they do not wait for each other."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return
+    try:
+        if finished:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``voxseq`` console script."""
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    rc = 1
+    try:
+        rc = _main(argv, debug)
+        return rc
+    finally:
+        _leave_process_group(rc == 0)
+
+
+def _main(argv: list[str] | None, debug: bool) -> int:
     try:
         rc = app(args=argv, standalone_mode=False)  # returns the exit code of typer.Exit
     except VoxseqError as e:
