@@ -357,7 +357,8 @@ def step_zero_shot(out: Path, s: dict[str, Any], vlp_run: Path, upstream_reused:
     return {"mean_auc": r["mean_auc"], "mean_auc_ci": r.get("mean_auc_ci"),
             "auc": {k: m["auc"] for k, m in r["per_label"].items()},
             "auc_ci": {k: m.get("auc_ci") for k, m in r["per_label"].items()},
-            "aggregate": r["aggregate"], "pool": r["aggregation"]["pool"], "localise": r["aggregation"]["localise"],
+            "aggregate": r["aggregate"], "pool": r.get("aggregation", {}).get("pool"),
+            "localise": r.get("aggregation", {}).get("localise"),
             "positives": {k: f"{m['positives']}/{m['n']}" for k, m in r["per_label"].items()},
             "n_volumes": r["n_volumes"], "organ_top1": o["top1_accuracy"], "organ_chance": o["top1_chance"],
             "organ_majority": o["top1_majority"],
@@ -443,8 +444,9 @@ def report_tables(m: dict[str, Any]) -> list[tuple[str, list[str], list[list[Any
             ("Timings and throughput per step (this run)", ["step", "wall time (s)", "reused", "throughput"], timings),
             (f"Label efficiency: mean Dice on the validation and test phantoms, UNETR, mean +- sd over seeds {seg['seeds']}",
              ["label ratio", "training volumes", "scratch", "pretrained (AR)"], label_eff),
-            (f"Zero-shot abnormality classification ({zs['n_volumes']} held-out volumes; each label pooled over the tiles "
-             f"that show its organ, {zs.get('pool', 'max')})", ["label", "positives", "AUROC [95% interval]"], zero_shot),
+            (f"Zero-shot abnormality classification ({zs['n_volumes']} held-out volumes"
+             + (f"; each label pooled over the tiles that show its organ, {zs['pool']})" if zs.get("pool") else ")"),
+             ["label", "positives", "AUROC [95% interval]"], zero_shot),
             (f"Zero-shot organ classification ({zs['organ_chunks']} held-out chunks)", ["metric", "SigVLP", "chance"], organ),
             (f"Retrieval ({rt['n']} held-out volumes and their reports)", ["direction", *ks], retrieval)]
 
