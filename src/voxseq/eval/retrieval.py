@@ -9,6 +9,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from voxseq.eval.metrics import l2_normalise, paired_retrieval, retrieval_report, volume_retrieval_report
+from voxseq.eval.zero_shot import organ_tiles
 
 
 def sentence_tile_similarity(tile_emb: list[np.ndarray], tile_organs: list[list[list[str]]] | None,
@@ -28,8 +29,7 @@ def sentence_tile_similarity(tile_emb: list[np.ndarray], tile_organs: list[list[
             total = 0.0
             for organ, row in report:
                 if (organ, row) not in pooled:
-                    rows = [t for t, shown in enumerate(tile_organs[v]) if organ in shown] \
-                        if tile_organs is not None and organ else []
+                    rows = organ_tiles(tile_organs[v] if tile_organs is not None else None, organ)
                     col = cos[rows, row] if rows else cos[:, row]
                     pooled[(organ, row)] = float(np.sort(col)[-k:].mean())
                 total += pooled[(organ, row)]

@@ -194,6 +194,12 @@ def prompt_localised_organs(tile_emb: np.ndarray, organ_emb: np.ndarray, organs:
     return [[organs[j] for j in row] for row in order]
 
 
+def organ_tiles(shown: list[list[str]] | None, organ: str | None) -> list[int]:
+    """Rows of the tiles that show ``organ`` (``shown[t]``: the organs tile t shows); [] when the organ or the
+    tiles' organs are unknown - the callers then take every tile."""
+    return [t for t, organs in enumerate(shown) if organ in organs] if shown is not None and organ else []
+
+
 def localised_scores(tile_p: list[np.ndarray], tile_organs: list[list[list[str]]] | None,
                      label_organs: list[str | None], pool: str = "topk", k: int = 3) -> np.ndarray:
     """(N, K) volume scores from each volume's (n_tiles, K) tile probabilities: label k pools the tiles that
@@ -201,9 +207,9 @@ def localised_scores(tile_p: list[np.ndarray], tile_organs: list[list[list[str]]
     tile when the label has no organ, the organs are unknown (None) or no tile of the volume shows it."""
     out = np.zeros((len(tile_p), len(label_organs)))
     for v, p in enumerate(tile_p):
+        shown = tile_organs[v] if tile_organs is not None else None
         for j, organ in enumerate(label_organs):
-            rows = [t for t, shown in enumerate(tile_organs[v]) if organ in shown] \
-                if tile_organs is not None and organ else []
+            rows = organ_tiles(shown, organ)
             out[v, j] = pool_probabilities(p[rows, j] if rows else p[:, j], pool, k)
     return out
 
@@ -351,7 +357,7 @@ def plot_roc(truth: np.ndarray, scores: np.ndarray, names: list[str], path: Path
     return save_figure(fig, path)
 
 
-__all__ = ["LOCALISERS", "POOLS", "localised_scores", "pool_probabilities", "prompt_localised_organs", "ORGAN_TEMPLATE", "PREDICTIONS_CSV", "PROMPT_TEMPLATE", "RULE_WORDS", "TRUTH_COLUMN",
+__all__ = ["LOCALISERS", "POOLS", "localised_scores", "organ_tiles", "pool_probabilities", "prompt_localised_organs", "ORGAN_TEMPLATE", "PREDICTIONS_CSV", "PROMPT_TEMPLATE", "RULE_WORDS", "TRUTH_COLUMN",
            "abnormality_scores", "embed_items", "embed_prompts", "embed_texts", "embed_volume",
            "finding_classification", "load_prompts", "organ_classification", "pair_temperature",
            "parse_operating_point", "plot_roc", "prompt_organs", "prompt_texts", "shared_binary_labels",

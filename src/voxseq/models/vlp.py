@@ -215,8 +215,8 @@ class SigVLP(nn.Module):
         """Rows that are one whole chunk each (B, L, C*p^3), positions (B, L, 3) -> (B, D) normalised: no
         mask, so attention takes the fused kernels (memory linear in L on CPU and GPU)."""
         feats = self.encoder.forward_tokens(tokens, pos)  # (B, L, E)
-        seg = torch.arange(tokens.shape[0], device=tokens.device)[:, None].expand(tokens.shape[:2])
-        return F.normalize(self.vision_proj(self.pool(feats, seg, tokens.shape[0])), dim=-1)
+        whole = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        return F.normalize(self.vision_proj(self.pool(feats, segments_of(whole), tokens.shape[0])), dim=-1)
 
     def encode_volume(self, image: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Whole volumes (B, C, D, H, W), any D (multiples of the patch), optional (B, N) mask -> (B, D)."""

@@ -243,7 +243,8 @@ def volume_chunks(image: np.ndarray, patch_size: int = 16, chunk_slices: int | N
     (L, C*p^3), ``pos`` (L, 3) with z counted from the chunk's first slice (as in training), ``grid``,
     ``z0``, ``z1`` (its slices in the volume, z1 may pass the end where padded). ``tile_yx`` (multiples of the
     patch) also cuts each slab in-plane into windows of that size overlapping by half (as a model trained on
-    ``crop_yx`` crops saw them); each chunk then has ``y0``, ``x0`` too. ``z_overlap``: slabs overlap by half
+    ``crop_yx`` crops saw them). Every chunk has ``y0``, ``x0``: its in-plane start (negative where the window is
+    padded beyond the slice). ``z_overlap``: slabs overlap by half
     along z as well (a finding cut by one slab's edge is whole in the next).
     """
     p = patch_size
@@ -268,10 +269,8 @@ def volume_chunks(image: np.ndarray, patch_size: int = 16, chunk_slices: int | N
         for start_yx in starts:
             window, _ = read_window(image, [z0, *start_yx], [t, *size_yx], pad_value)
             tokens, pos, grid = _chunk_tokens(window, p)
-            chunk = {"tokens": tokens, "pos": pos, "grid": grid, "z0": z0, "z1": z0 + t}
-            if tile_yx is not None:
-                chunk["y0"], chunk["x0"] = start_yx
-            chunks.append(chunk)
+            chunks.append({"tokens": tokens, "pos": pos, "grid": grid, "z0": z0, "z1": z0 + t,
+                           "y0": start_yx[0], "x0": start_yx[1]})
     return chunks
 
 

@@ -146,14 +146,9 @@ def volume_tiles(model, cache: Cache, rows: list[int], meta: dict[str, Any], sli
             organs = None
             continue
         counts = label_counts(masks, len(cache.entry(i).get("regions", [])))
-        ny, nx = image.shape[2:]
-        shown = []
-        for t in tiles:
-            gy, gx = t["grid"][1] * p, t["grid"][2] * p
-            start = [t["z0"], t.get("y0", -((gy - ny) // 2)), t.get("x0", -((gx - nx) // 2))]
-            shown.append(window_organs(masks, counts, mapping, start, [t["z1"] - t["z0"], gy, gx],
-                                       ccfg.organ_fraction, ccfg.chunk_fraction))
-        organs.append(shown)
+        organs.append([window_organs(masks, counts, mapping, [t["z0"], t["y0"], t["x0"]],
+                                     [t["z1"] - t["z0"], t["grid"][1] * p, t["grid"][2] * p],
+                                     ccfg.organ_fraction, ccfg.chunk_fraction) for t in tiles])
     return emb, organs
 
 
@@ -260,8 +255,8 @@ def run_zero_shot(checkpoint: str | Path, source: str | Path, out: str | Path, *
     truth = np.array([[entries[i]["classes"][n] for n in names] for i in rows], dtype=int)
     tile_yx = from_dict(ChunkConfig, meta["config"]["chunks"]).crop_yx if aggregate != "volume" else None
     aggregation = None
+    organ_of = prompt_organs(prompts)  # label -> the organ its prompts name
     if aggregate == "organ":
-        organ_of = prompt_organs(prompts)
         label_organs = [organ_of.get(n) for n in names]
         emb, mask_organs = volume_tiles(model, cache, rows, meta, chunk_slices)
         tile_p = [pair_softmax_scores(e, pos, neg, temperature) for e in emb]
@@ -293,7 +288,7 @@ def run_zero_shot(checkpoint: str | Path, source: str | Path, out: str | Path, *
     if organ is not None:
         result["organ_classification"] = organ
     findings = finding_classification(model, tokenizer, items, img, entries, pairs,
-                                      {n: o for n, o in prompt_organs(prompts).items() if n in names}, max_len,
+                                      {n: o for n, o in organ_of.items() if n in names}, max_len,
                                       rule, threshold, temperature)
     if findings is not None:
         result["finding_in_organ_chunks"] = findings
