@@ -83,3 +83,21 @@ def test_layer_and_window_errors():
         token_features(enc, torch.randn(1, 8, 8, 8), [4, 4, 4], overlap=1.0)
     with pytest.raises(VoxseqError, match="one \\(C, D, H, W\\) image"):
         token_features(enc, torch.randn(1, 1, 8, 8, 8))
+
+
+def test_windows_of_a_volume_positioned_encoder_keep_their_place():
+    """With ``pos_origin="volume"`` each window is embedded at its place in the image: a context-free
+    encoder (attention and MLP outputs zeroed) then gives the whole-volume features through any windows,
+    which it does not when positions count from each window's corner."""
+    image = torch.randn(1, 12, 20, 28)
+    feats = {}
+    for origin in ("volume", "crop"):
+        torch.manual_seed(0)
+        enc = _encoder(pos_origin=origin)
+        for blk in enc.blocks:
+            torch.nn.init.zeros_(blk.attn.proj.weight), torch.nn.init.zeros_(blk.attn.proj.bias)
+            torch.nn.init.zeros_(blk.mlp.fc2.weight), torch.nn.init.zeros_(blk.mlp.fc2.bias)
+        feats[origin] = token_features(enc, image), token_features(enc, image, [8, 8, 8], 0.5)
+    assert torch.allclose(feats["volume"][1], feats["volume"][0], atol=1e-5)
+    assert torch.allclose(feats["crop"][0], feats["volume"][0], atol=1e-5)  # a whole image starts at 0 either way
+    assert not torch.allclose(feats["crop"][1], feats["crop"][0], atol=1e-3)

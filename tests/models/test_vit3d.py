@@ -199,3 +199,29 @@ def test_key_mask_keeps_padding_out():
 def test_ar_model_refuses_rotary_positions():
     with pytest.raises(VoxseqError, match="sin-cos"):
         ARViT3D(ViTConfig(**ROPE))
+
+
+def test_volume_positions_place_a_crop_where_it_sits():
+    """pos_origin="volume": a crop given its start embeds each token as the whole image does at that place
+    (same position vectors); without a start, or with pos_origin="crop", positions count from the crop."""
+    torch.manual_seed(0)
+    image = torch.randn(1, 1, 12, 16, 20)
+    start = (4, 8, 4)
+    crop = image[..., 4:12, 8:16, 4:12]  # grid (2, 2, 2) at patch (1, 2, 1)
+    vol = ViT3D(ViTConfig(**TINY, pos_origin="volume"))
+    whole, _ = vol.embed_image(image)  # (1, 3*4*5, E)
+    placed, _ = vol.embed_image(crop, origin_zyx=torch.tensor([start]))
+    at = [z * 20 + y * 5 + x for z in (1, 2) for y in (2, 3) for x in (1, 2)]  # z-major grid indices
+    assert torch.allclose(placed[0], whole[0, at], atol=1e-6)
+    cornered, _ = vol.embed_image(crop)
+    assert not torch.allclose(cornered, placed)
+    relative = ViT3D(ViTConfig(**TINY))
+    relative.load_state_dict(vol.state_dict())
+    assert torch.allclose(relative.forward_features(crop, origin_zyx=torch.tensor([start])), vol.forward_features(crop))
+    # a batch of crops, each with its own start; the start token and intermediates take it too
+    two = torch.cat([crop, image[..., :8, :8, :8]])
+    inter, final = vol.forward_intermediates(two, [1], origin_zyx=torch.tensor([start, (0, 0, 0)]))
+    assert torch.allclose(final[1], vol.forward_features(image[..., :8, :8, :8])[0], atol=1e-5)
+    assert torch.allclose(final[0], vol.forward_features(crop, origin_zyx=start)[0], atol=1e-5)
+    with pytest.raises(VoxseqError, match="pos_origin"):
+        ViTConfig(**TINY, pos_origin="scanner")

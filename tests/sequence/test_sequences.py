@@ -195,3 +195,23 @@ def test_reads_from_a_real_cache(tmp_path, samples):
     assert item["tokens"].shape == (4 * 16, 4096)
     assert 0 <= float(item["tokens"].min()) and float(item["tokens"].max()) <= 1  # lung window -> [0, 1]
     assert float(item["tokens"].std()) > 0.05
+
+
+@pytest.mark.parametrize("kind", ["spatial", "contrast", "semantic"])
+def test_volume_positions_count_from_the_scan(kind):
+    """pos_origin="volume": every token's (z, y, x) position is where its patch sits in its volume (patch
+    units), for each kind of sequence; the default counts from the crop and differs by the crop's start."""
+    vols = [np.repeat(coord_volume(), 4, axis=0) for _ in range(2)]
+    entries = [{"id": str(i), "boxes": [{"category": "liver", "bbox_zyx": [6, 8, 10, 10, 12, 14]}]} for i in range(2)]
+    cfg = small_cfg(kind_weights={kind: 1.0}, n_contrast=4, n_semantic=2)
+    volume = SequenceDataset(ArraySource(vols, entries), cfg, pos_origin="volume")
+    crop = SequenceDataset(ArraySource(vols, entries), cfg)
+    for index in range(4):
+        item, plain = volume[index], crop[index]
+        assert torch.equal(item["tokens"], plain["tokens"])
+        where = torch.tensor([decode(t) for t in item["tokens"]], dtype=torch.float32) / 4  # patch corner / p
+        assert torch.allclose(item["pos"][:, 1:], where)
+        shift = item["pos"][:, 1:] - plain["pos"][:, 1:]  # one crop start per sub-volume
+        assert torch.allclose(shift, shift[:1].expand_as(shift)) or kind == "semantic"
+    with pytest.raises(VoxseqError, match="pos_origin"):
+        SequenceDataset(ArraySource(vols, entries), cfg, pos_origin="scanner")

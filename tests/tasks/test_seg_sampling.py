@@ -1,11 +1,16 @@
-"""Segmentation crop sampling: class-balanced centres give small organs their share of the crops."""
+"""Segmentation crop sampling (class-balanced centres give small organs their share of the crops; crop starts)
+and sliding-window inference that tells an encoder with volume positions where each window sits."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
+import torch
 
 from voxseq import VoxseqError
+from voxseq.eval.segmentation import sliding_predict
 from voxseq.tasks.finetune_seg import SegConfig, sample_crop
 
 
@@ -42,3 +47,43 @@ def test_class_balanced_crops_reach_the_small_class():
     assert 0.4 < (balanced == 2).mean() < 0.75  # one class in two first, then its voxels (8^3 crops jitter)
     with pytest.raises(VoxseqError, match="crop_sampling"):
         SegConfig(crop_sampling="uniform")
+
+
+def test_crop_start_places_the_crop():
+    """``with_start``: the crop is the volume read from that start (padded where it leaves the volume)."""
+    z, y, x = np.meshgrid(*[np.arange(n) for n in (30, 20, 10)], indexing="ij")
+    cache, rng = OneVolume((z * 400 + y * 20 + x).astype(np.int64)), np.random.default_rng(0)
+    starts = set()
+    for _ in range(20):
+        img, lab, start = sample_crop(cache, 0, (16, 16, 16), rng, pos_fraction=0.5, with_start=True)
+        idx = np.meshgrid(*[s + np.arange(16) for s in start], indexing="ij")
+        inside = np.all([(i >= 0) & (i < n) for i, n in zip(idx, (30, 20, 10))], axis=0)
+        want = np.where(inside, idx[0] * 400 + idx[1] * 20 + idx[2], 0)
+        assert np.array_equal(lab, want) and np.array_equal(img[0], want.astype(np.float32))
+        starts.add(tuple(start))
+    assert len(starts) > 5 and any(s[2] < 0 for s in starts)  # random places, padded across the thin x axis
+
+
+class VolumeProbe(torch.nn.Module):
+    """Stands in for a UNETR whose encoder counts positions from the scan: class 1 where (z >= 10) xor
+    (x >= 3) in the *volume's* coordinates, which it can only know from each window's start."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.encoder = SimpleNamespace(cfg=SimpleNamespace(pos_origin="volume"))
+
+    def forward(self, x, origin_zyx=None):
+        b, _, d, h, w = x.shape
+        zz = origin_zyx[:, 0, None, None, None] + torch.arange(d)[None, :, None, None]
+        xx = origin_zyx[:, 2, None, None, None] + torch.arange(w)[None, None, None, :]
+        one = ((zz >= 10) ^ (xx >= 3)).expand(b, d, h, w).float() * 2 - 1
+        return torch.stack([torch.zeros_like(one), one], 1) + self.w
+
+
+def test_sliding_predict_gives_windows_their_place():
+    """MONAI windows (and the padding of a volume thinner than the ROI) reach the model as volume starts."""
+    image = np.zeros((1, 21, 6, 5), np.float32)  # y and x thinner than the ROI: MONAI pads them
+    pred = sliding_predict(VolumeProbe(), image, (8, 8, 8), overlap=0.25)
+    z, _, x = np.meshgrid(*[np.arange(n) for n in (21, 6, 5)], indexing="ij")
+    assert np.array_equal(pred, ((z >= 10) ^ (x >= 3)).astype(np.uint8))

@@ -12,15 +12,35 @@ import torch
 from torch import nn
 
 
+def uses_volume_positions(model: nn.Module) -> bool:
+    """Whether a model's encoder counts positions from the scan's origin (``ViTConfig.pos_origin="volume"``):
+    then every window it is given must come with where it starts."""
+    encoder = getattr(model, "encoder", model)
+    return getattr(getattr(encoder, "cfg", None), "pos_origin", "crop") == "volume"
+
+
 @torch.no_grad()
 def sliding_predict(model: nn.Module, image: np.ndarray, roi: Sequence[int], overlap: float) -> np.ndarray:
-    """Class map (Z, Y, X) of a (C, Z, Y, X) volume by MONAI sliding-window inference."""
+    """Class map (Z, Y, X) of a (C, Z, Y, X) volume by MONAI sliding-window inference (each window's start
+    in the volume passed to models whose encoder uses volume positions)."""
     from monai.inferers import sliding_window_inference
 
     model.eval()
     x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
     device = next(model.parameters()).device  # windows on the model's device, the whole volume's logits on the CPU
-    logits = sliding_window_inference(x, roi, 1, model, overlap=overlap, mode="gaussian", sw_device=device, device="cpu")
+    if uses_volume_positions(model):
+        # MONAI centres a volume smaller than the ROI in padding and gives windows in the padded grid
+        pad = np.array([max(r - n, 0) // 2 for r, n in zip(roi, image.shape[1:])])
+
+        def predictor(win: torch.Tensor, slices) -> torch.Tensor:
+            origin = torch.tensor([[sl[k].start for k in range(2, 5)] for sl in slices]) - torch.from_numpy(pad)
+            return model(win, origin_zyx=origin)
+
+        logits = sliding_window_inference(x, roi, 1, predictor, overlap=overlap, mode="gaussian", sw_device=device,
+                                          device="cpu", with_coord=True)
+    else:
+        logits = sliding_window_inference(x, roi, 1, model, overlap=overlap, mode="gaussian", sw_device=device,
+                                          device="cpu")
     model.train()
     return logits.argmax(1)[0].numpy().astype(np.uint8)
 
@@ -63,4 +83,5 @@ def write_segmentation_report(result: dict[str, Any], out: str | Path, checkpoin
     return out
 
 
-__all__ = ["dice_per_class", "evaluate_segmentation", "sliding_predict", "write_segmentation_report"]
+__all__ = ["dice_per_class", "evaluate_segmentation", "sliding_predict", "uses_volume_positions",
+           "write_segmentation_report"]

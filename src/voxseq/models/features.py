@@ -56,15 +56,16 @@ def window_starts(size: int, window: int, overlap: float) -> list[int]:
     return starts
 
 
-def _layer_outputs(encoder, x: torch.Tensor, layers: Sequence[Layer]) -> list[torch.Tensor]:
-    """(B, C, D, H, W) -> one (B, N, E) tensor per requested layer, from one bidirectional pass."""
+def _layer_outputs(encoder, x: torch.Tensor, layers: Sequence[Layer], origin_zyx=None) -> list[torch.Tensor]:
+    """(B, C, D, H, W) -> one (B, N, E) tensor per requested layer, from one bidirectional pass (``origin_zyx``:
+    where each input starts in its image, for encoders with volume positions)."""
     blocks = sorted({int(n) - 1 for n in layers if n not in ("last", "mean")} |
                     (set(range(encoder.num_layers)) if "mean" in layers else set()))
     if blocks:
-        taken, final = encoder.forward_intermediates(x, blocks)
+        taken, final = encoder.forward_intermediates(x, blocks, origin_zyx=origin_zyx)
         by_block = dict(zip(blocks, taken))
     else:
-        final, by_block = encoder.forward_features(x), {}
+        final, by_block = encoder.forward_features(x, origin_zyx=origin_zyx), {}
     out = []
     for n in layers:
         if n == "last":
@@ -113,7 +114,8 @@ def token_features_layers(encoder, image: torch.Tensor, layers: Sequence[Layer],
         chunk = corners[i:i + batch_size]
         crops = torch.cat([x[..., z * p:(z + win[0]) * p, y * p:(y + win[1]) * p, xx * p:(xx + win[2]) * p]
                            for z, y, xx in chunk])  # (b, C, wd*p, wh*p, ww*p)
-        outs = _layer_outputs(encoder, crops, layers)  # per layer (b, wd*wh*ww, E)
+        origins = torch.tensor([[z * p, y * p, xx * p] for z, y, xx in chunk])  # each window's place in the image
+        outs = _layer_outputs(encoder, crops, layers, origins)  # per layer (b, wd*wh*ww, E)
         if not totals:
             totals = [x.new_zeros(*grid, o.shape[-1]) for o in outs]
         for j, (z, y, xx) in enumerate(chunk):

@@ -72,10 +72,12 @@ class UNETR3D(nn.Module):
         b, _, e = tokens.shape
         return tokens.transpose(1, 2).reshape(b, e, *grid)  # (B, L, E) -> (B, E, gd, gh, gw)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, origin_zyx=None) -> torch.Tensor:
+        """``origin_zyx`` (B, 3): where each crop starts in its scan, in voxels (for encoders with
+        ``pos_origin="volume"``; ignored otherwise)."""
         p = self.encoder.cfg.patch_size
         grid = tuple(s // p for s in x.shape[2:])
-        inter, final = self.encoder.forward_intermediates(x, self.skips)
+        inter, final = self.encoder.forward_intermediates(x, self.skips, origin_zyx=origin_zyx)
         feats = [self.stem(x)] + [blk(self._grid(t, grid)) for blk, t in zip(self.skip_blocks, inter)]  # fine -> coarse
         h = self._grid(final, grid)  # (B, E, D/p, H/p, W/p)
         for up, skip in zip(self.up_blocks, reversed(feats)):

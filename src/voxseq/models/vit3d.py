@@ -31,6 +31,9 @@ from torch import nn
 from voxseq import VoxseqError
 
 
+POS_ORIGINS = ("crop", "volume")
+
+
 @dataclass
 class ViTConfig:
     patch_size: int = 16
@@ -49,6 +52,11 @@ class ViTConfig:
     attn_backend: str = "sdpa"  # "sdpa" everywhere; "flex" (CUDA only) skips fully masked blocks
     use_end_token: bool = False  # AR model: append a learned end token after the last token
     start_token: bool = False  # prepend a learned token (position 0) to images, drop its output (official AR-SSL4M)
+    # where positions count from: "crop" - the corner of whatever the encoder is given (the paper: crops in
+    # pretraining, ROI crops in fine-tuning); "volume" - the scan's first voxel, so that a token has one position
+    # in pretraining crops, fine-tuning crops, sliding windows and whole-volume embedding alike (callers pass each
+    # input's start, ``origin_zyx``)
+    pos_origin: str = "crop"
 
     def __post_init__(self) -> None:
         if self.embed_dim % self.num_heads:
@@ -64,6 +72,8 @@ class ViTConfig:
                 raise VoxseqError(f"model.rope_split must be three non-negative shares (z, y, x), not {self.rope_split}")
             if (self.embed_dim // self.num_heads) % 2:
                 raise VoxseqError("model.pos_embed=rope3d needs an even head dimension (embed_dim / num_heads)")
+        if self.pos_origin not in POS_ORIGINS:
+            raise VoxseqError(f"model.pos_origin must be one of {POS_ORIGINS}, not {self.pos_origin!r}")
         if self.attn_backend not in ("sdpa", "flex"):
             raise VoxseqError(f"model.attn_backend must be 'sdpa' or 'flex', not {self.attn_backend!r}")
 
@@ -383,7 +393,17 @@ class ViT3D(nn.Module):
             return x
         return x + self.position_embedding(pos).to(x.dtype)
 
-    def embed_image(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    def image_positions(self, grid: tuple[int, int, int], origin_zyx=None, device=None) -> torch.Tensor:
+        """(1 or B, N, 4) positions of an image's patch grid: counted from its corner, or with
+        ``pos_origin="volume"`` from the scan's first voxel, ``origin_zyx`` (B, 3) or (3,) being where each
+        input starts in its scan, in voxels (None: at the scan's origin). Ignored with ``pos_origin="crop"``."""
+        pos = grid_positions(grid, device)[None]  # (1, N, 4)
+        if origin_zyx is None or self.cfg.pos_origin == "crop":
+            return pos
+        origin = torch.as_tensor(origin_zyx, dtype=torch.float32, device=device).reshape(-1, 3) / self.cfg.patch_size
+        return pos + F.pad(origin, (1, 0))[:, None, :]  # (B, N, 4): the sub-volume column stays 0
+
+    def embed_image(self, x: torch.Tensor, origin_zyx=None) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """(B, C, D, H, W) -> tokens (B, N, E) (sin-cos positions added), and the (gd, gh, gw) grid."""
         p = self.cfg.patch_size
         if any(s % p for s in x.shape[2:]):
@@ -393,7 +413,7 @@ class ViT3D(nn.Module):
         x = x.flatten(2).transpose(1, 2)  # (B, N, E)
         if self.uses_rope:
             return x, grid  # type: ignore[return-value]
-        pos = grid_positions(grid, x.device)  # type: ignore[arg-type]
+        pos = self.image_positions(grid, origin_zyx, x.device)  # type: ignore[arg-type]
         return x + self.position_embedding(pos).to(x.dtype), grid  # type: ignore[return-value]
 
     # -- trunk
@@ -408,12 +428,13 @@ class ViT3D(nn.Module):
                 taken.append(x)
         return x, taken
 
-    def _image_trunk(self, x: torch.Tensor, token_mask: torch.Tensor | None, indices: set[int] | None = None):
-        x, grid = self.embed_image(x)
-        pos = grid_positions(grid, x.device)[None]  # (1, N, 4)
+    def _image_trunk(self, x: torch.Tensor, token_mask: torch.Tensor | None, indices: set[int] | None = None,
+                     origin_zyx=None):
+        x, grid = self.embed_image(x, origin_zyx)
+        pos = self.image_positions(grid, origin_zyx, x.device)  # (1 or B, N, 4)
         if self.start_token is not None:  # [start, t_0, ...]: the start token sits at position 0 (nothing added)
             x = torch.cat([self.start_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
-            pos = torch.cat([pos.new_zeros(1, 1, pos.shape[-1]), pos], dim=1)
+            pos = torch.cat([pos.new_zeros(pos.shape[0], 1, pos.shape[-1]), pos], dim=1)
             if token_mask is not None:
                 token_mask = torch.cat([token_mask.new_ones(token_mask.shape[0], 1), token_mask.bool()], dim=1)
         rope = self.rope_for(pos) if self.uses_rope else None
@@ -423,18 +444,20 @@ class ViT3D(nn.Module):
             x, taken = x[:, 1:], [t[:, 1:] for t in taken]
         return x, taken
 
-    def forward_features(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, C, D, H, W) -> normalised token features (B, N, E), bidirectional attention."""
-        x, _ = self._image_trunk(x, token_mask)
+    def forward_features(self, x: torch.Tensor, token_mask: torch.Tensor | None = None,
+                         origin_zyx=None) -> torch.Tensor:
+        """(B, C, D, H, W) -> normalised token features (B, N, E), bidirectional attention. ``origin_zyx``:
+        where each input starts in its scan, in voxels (used with ``pos_origin="volume"``)."""
+        x, _ = self._image_trunk(x, token_mask, origin_zyx=origin_zyx)
         return self.norm(x)
 
-    def forward_intermediates(self, x: torch.Tensor, indices: list[int],
-                              token_mask: torch.Tensor | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def forward_intermediates(self, x: torch.Tensor, indices: list[int], token_mask: torch.Tensor | None = None,
+                              origin_zyx=None) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Outputs (B, N, E) of the given blocks (0-based; UNETR skips: 3, 6, 9 of 12) and the final features."""
         bad = [i for i in indices if not 0 <= i < self.num_layers]
         if bad:
             raise VoxseqError(f"block indices {bad} outside 0..{self.num_layers - 1}")
-        x, taken = self._image_trunk(x, token_mask, set(indices))
+        x, taken = self._image_trunk(x, token_mask, set(indices), origin_zyx)
         order = sorted(set(indices))
         by_index = dict(zip(order, taken))
         return [by_index[i] for i in indices], self.norm(x)
@@ -456,8 +479,8 @@ class ViT3D(nn.Module):
         x, _ = self.run_blocks(self.embed_tokens(tokens, pos), mask, is_causal, rope=self.rope_for(pos), segments=plan)
         return self.norm(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_features(x)
+    def forward(self, x: torch.Tensor, origin_zyx=None) -> torch.Tensor:
+        return self.forward_features(x, origin_zyx=origin_zyx)
 
 
 def _init_weights(m: nn.Module) -> None:

@@ -163,13 +163,16 @@ class SequenceDataset(torch.utils.data.Dataset):
     """Map-style dataset of token sequences; ``dataset[i]`` depends only on (cfg.seed, i).
 
     Each item: ``tokens`` float32 (L, p^3), ``pos`` float32 (L, 4) = (sub-volume, z, y, x) in patch
-    units relative to the crop origin (slab offsets included: 8 voxels = 0.5 with p = 16), ``valid``
+    units relative to the crop origin (slab offsets included: 8 voxels = 0.5 with p = 16; with
+    ``pos_origin="volume"`` relative to the volume's first voxel, as ``ViTConfig.pos_origin``), ``valid``
     bool (L,) (False for tokens made only of padding), ``kind`` int (index into ``SEQUENCE_KINDS``),
     ``volume_index`` int (first volume of the sequence).
     """
 
-    def __init__(self, source: VolumeSource, cfg: SequenceConfig, length: int = 10**9):
-        self.source, self.cfg, self.length = source, cfg, length
+    def __init__(self, source: VolumeSource, cfg: SequenceConfig, length: int = 10**9, pos_origin: str = "crop"):
+        if pos_origin not in ("crop", "volume"):
+            raise VoxseqError(f"pos_origin must be 'crop' or 'volume', not {pos_origin!r}")
+        self.source, self.cfg, self.length, self.pos_origin = source, cfg, length, pos_origin
         self.grid = cfg.grid
         self.coords = patch_grid_coords(self.grid).astype(np.float32)  # (k, 3)
         self._monai = None
@@ -214,8 +217,8 @@ class SequenceDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         rng = np.random.default_rng([self.cfg.seed, int(index)])
         kind = self.kinds[int(rng.choice(len(self.kinds), p=self.weights))] if len(self.kinds) > 1 else self.kinds[0]
-        windows, offsets, valids, first = SEQUENCE_KINDS[kind].draw(self, rng)
-        return self._tokenize(windows, offsets, valids, rng, kind, first)
+        windows, offsets, valids, first, *origins = SEQUENCE_KINDS[kind].draw(self, rng)
+        return self._tokenize(windows, offsets, valids, rng, kind, first, origins[0] if origins else None)
 
     def _random_start(self, rng, shape, size) -> list[int]:
         """Uniform crop corner; volumes smaller than the crop get it centred (padding both sides)."""
@@ -257,7 +260,8 @@ class SequenceDataset(torch.utils.data.Dataset):
             stacked = torch.as_tensor(t(stacked))
         return stacked
 
-    def _tokenize(self, window: np.ndarray, offsets, valids, rng, kind: str, first: int) -> dict[str, Any]:
+    def _tokenize(self, window: np.ndarray, offsets, valids, rng, kind: str, first: int,
+                  origins=None) -> dict[str, Any]:
         cfg, p, grid = self.cfg, self.cfg.patch_size, self.grid
         k = self.tokens_per_sub = grid[0] * grid[1] * grid[2]
         n = len(offsets)
@@ -282,9 +286,11 @@ class SequenceDataset(torch.utils.data.Dataset):
         tokens = tokens.reshape(n, k, p**3)
         pos = np.empty((n, k, 4), np.float32)
         valid = np.empty((n, k), bool)
+        volume_origin = self.pos_origin == "volume" and origins is not None
         for i, off in enumerate(offsets):
             pos[i, :, 0] = i
-            pos[i, :, 1:] = self.coords + np.asarray(off, np.float32) / p
+            start = np.asarray(off, np.float32) + (np.asarray(origins[i], np.float32) if volume_origin else 0.0)
+            pos[i, :, 1:] = self.coords + start / p
             valid[i] = _token_valid(valids[i], off, grid, p)
         if cfg.token_order == "interleave":  # (n, k) -> (k, n): same place, sub-volume after sub-volume
             tokens, pos, valid = tokens.transpose(0, 1), pos.transpose(1, 0, 2), valid.T
@@ -302,7 +308,9 @@ class SequenceDataset(torch.utils.data.Dataset):
 
 @dataclass(frozen=True)
 class SequenceKind:
-    draw: Callable[..., tuple]  # (dataset, rng) -> (window (C', Z, Y, X), offsets per sub-volume, valid masks, first volume)
+    # (dataset, rng) -> (window (C', Z, Y, X), offsets per sub-volume in the window, valid masks, first volume[,
+    # where each sub-volume's window starts in its volume (voxels; for pos_origin="volume", else zeros are assumed)])
+    draw: Callable[..., tuple]
     count: Callable[[SequenceConfig], int]  # sub-volumes per sequence
     prepare: Callable[..., None] | None = None  # (dataset) -> None: indexes the data; VoxseqError if it cannot give this kind
 
@@ -346,7 +354,7 @@ def spatial_sequence(ds: SequenceDataset, rng: np.random.Generator):
         off = [0, 0, 0]
         off[cfg.axis] = n * cfg.stride
         offsets.append(off)
-    return window, offsets, [valid] * cfg.n_subvolumes, v
+    return window, offsets, [valid] * cfg.n_subvolumes, v, [start] * cfg.n_subvolumes
 
 
 @register_sequence_kind("contrast", lambda cfg: cfg.n_contrast, _need_contrast)
@@ -358,7 +366,7 @@ def contrast_sequence(ds: SequenceDataset, rng: np.random.Generator):
     vol = ds.source.image(v)
     start = ds._random_start(rng, vol.shape[1:], cfg.subvolume_zyx)
     window, valid = read_window(vol[: cfg.n_contrast], start, cfg.subvolume_zyx, cfg.pad_value)
-    return window, [[0, 0, 0]] * cfg.n_contrast, [valid] * cfg.n_contrast, v
+    return window, [[0, 0, 0]] * cfg.n_contrast, [valid] * cfg.n_contrast, v, [start] * cfg.n_contrast
 
 
 @register_sequence_kind("semantic", lambda cfg: cfg.n_semantic, _index_lesions)
@@ -374,7 +382,7 @@ def semantic_sequence(ds: SequenceDataset, rng: np.random.Generator):
     # different studies first; repeat studies only when the category has fewer than N
     order = rng.permutation(len(volumes))
     picks = [volumes[order[n % len(volumes)]] for n in range(cfg.n_semantic)]
-    crops, valids = [], []
+    crops, valids, starts = [], [], []
     for vi in picks:
         boxes = by_volume[vi]
         z0, y0, x0, z1, y1, x1 = boxes[int(rng.integers(len(boxes)))]
@@ -383,7 +391,8 @@ def semantic_sequence(ds: SequenceDataset, rng: np.random.Generator):
         w, valid = read_window(ds.source.image(vi)[:1], start, cfg.subvolume_zyx, cfg.pad_value)
         crops.append(w[0])
         valids.append(valid)
-    return np.stack(crops), [[0, 0, 0]] * cfg.n_semantic, valids, picks[0]
+        starts.append(start)
+    return np.stack(crops), [[0, 0, 0]] * cfg.n_semantic, valids, picks[0], starts
 
 
 KINDS = tuple(SEQUENCE_KINDS)  # the built-in kinds; an item's ``kind`` is its index in SEQUENCE_KINDS

@@ -113,10 +113,11 @@ def _class_voxels(lab: np.ndarray, rng) -> dict[int, np.ndarray]:
     return out
 
 
-def sample_crop(cache, i: int, roi, rng, pos_fraction: float,
-                sampling: str = "foreground") -> tuple[np.ndarray, np.ndarray]:
+def sample_crop(cache, i: int, roi, rng, pos_fraction: float, sampling: str = "foreground",
+                with_start: bool = False):
     """(C, *roi) image and (*roi) label crop, centred on a random labelled voxel with ``pos_fraction``
-    (any labelled voxel, or with ``sampling="class_balanced"`` one of a class drawn uniformly first)."""
+    (any labelled voxel, or with ``sampling="class_balanced"`` one of a class drawn uniformly first);
+    ``with_start`` adds the crop's start (z, y, x) in the volume (negative where it is padded)."""
     img, lab = cache.image(i), cache.label(i)
     shape = img.shape[1:]
     if rng.random() < pos_fraction:
@@ -142,6 +143,8 @@ def sample_crop(cache, i: int, roi, rng, pos_fraction: float,
         start = [int(rng.integers(0, max(1, n - r + 1))) if n >= r else -((r - n) // 2) for n, r in zip(shape, roi)]
     x, _ = read_window(img, start, roi, 0.0)
     y, _ = read_window(lab[None], start, roi, 0)
+    if with_start:
+        return x.astype(np.float32), y[0].astype(np.int64), start
     return x.astype(np.float32), y[0].astype(np.int64)
 
 
@@ -213,17 +216,18 @@ class SegTask(FinetuneTask):
         self.rng = self.batch_rng(cfg.seed, ctx.rank)
         self.result: dict[str, Any] | None = None
 
-    def batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         cfg, train, rng = self.cfg, self.train, self.rng
         crops = [sample_crop(self.cache, train[int(rng.integers(len(train)))], cfg.roi_zyx, rng, cfg.pos_fraction,
-                             cfg.crop_sampling) for _ in range(cfg.batch_size)]
+                             cfg.crop_sampling, with_start=True) for _ in range(cfg.batch_size)]
         x = torch.from_numpy(np.stack([c[0] for c in crops]))  # (B, C, D, H, W)
         y = torch.from_numpy(np.stack([c[1] for c in crops]))[:, None]  # (B, 1, D, H, W)
-        return x.to(self.ctx.device), y.to(self.ctx.device)
+        origin = torch.tensor([c[2] for c in crops])  # (B, 3): for encoders with volume positions
+        return x.to(self.ctx.device), y.to(self.ctx.device), origin
 
     def loss(self, net, batch, step: int, micro: int):
-        x, y = batch
-        return self.loss_fn(net(x), y), {}
+        x, y, origin = batch
+        return self.loss_fn(net(x, origin_zyx=origin), y), {}
 
     def row(self, info: StepInfo) -> dict[str, Any]:
         row = super().row(info)

@@ -91,7 +91,7 @@ class ARPretrainTask(TrainTask):
     def setup(self, ctx: RunContext) -> None:
         cfg, self.ctx = self.cfg, ctx
         self.source = training_cache(cfg.data, ctx.run_dir, cfg.data.split, main=ctx.main, progress=ctx.progress)
-        self.dataset = SequenceDataset(self.source, cfg.sequence)
+        self.dataset = SequenceDataset(self.source, cfg.sequence, pos_origin=cfg.model.pos_origin)
         self.flops_tok = flops_per_token(cfg.model, cfg.sequence.seq_len(self.dataset.kinds[0]) + 1)
 
     def build_model(self, ctx: RunContext) -> ARViT3D:
