@@ -115,9 +115,11 @@ def test_every_ablation_variant_is_a_valid_change_of_the_cpu_config():
     seen = set()
     for name, overrides in ABLATIONS.items():
         cfg = load_ar_config(ROOT / "configs" / "ar_tiny.yaml", overrides)
-        changed = {k for k in ("random_start", "sequence") if getattr(cfg, k) != getattr(base, k)}
+        changed = {k for k in ("random_start", "sequence", "model") if getattr(cfg, k) != getattr(base, k)}
         assert bool(changed) == (name != "full"), name
-        seen.add((cfg.random_start, cfg.sequence.stride, tuple(sorted(cfg.sequence.kind_weights.items()))))
+        seen.add((cfg.random_start, cfg.sequence.stride, tuple(sorted(cfg.sequence.kind_weights.items())),
+                  cfg.model.pos_origin))
     assert len(seen) == len(ABLATIONS)  # no two variants train the same thing
     assert {load_ar_config(ROOT / "configs" / "ar_tiny.yaml", ABLATIONS[f"stride{s}"]).sequence.stride
             for s in (4, 12)} == {4, 12}
+    assert load_ar_config(ROOT / "configs" / "ar_tiny.yaml", ABLATIONS["volume-positions"]).model.pos_origin == "volume"

@@ -6,6 +6,8 @@ whole scan fed as one sequence has positions and lengths it never saw (a 197x233
 patches is ~18k tokens with positions up to 29). :func:`token_features` instead slides a window of
 the pretraining geometry over the patch grid (windows overlap; a token seen by several windows gets
 the mean of its features), so every token is embedded with positions and a context it was trained on.
+An encoder with ``pos_origin="volume"`` gets each window's start, so a token keeps its place in the scan
+whichever window embeds it.
 
 Layers (iGPT, Chen et al. 2020: autoregressive models give their best linear-probe features in the
 middle of the network, as the last layers specialise in predicting the *next* token):

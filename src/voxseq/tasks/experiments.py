@@ -485,6 +485,8 @@ ABLATIONS: dict[str, list[str]] = {
     "stride12": ["sequence.stride=12"],
     "spatial": ["sequence.kind_weights={spatial: 1.0}"],
     "spatial+contrast": ["sequence.kind_weights={spatial: 0.75, contrast: 0.25}"],
+    # not in the paper: positions counted from the scan's origin instead of the crop's corner (docs/reproducing.md)
+    "volume-positions": ["model.pos_origin=volume"],
 }
 
 
