@@ -36,7 +36,7 @@ def centre_classes(sampling: str, n: int = 400) -> np.ndarray:
     roi = (8, 8, 8)
     out = []
     for _ in range(n):
-        _, y = sample_crop(cache, 0, roi, rng, pos_fraction=1.0, sampling=sampling)
+        _, y, _ = sample_crop(cache, 0, roi, rng, pos_fraction=1.0, sampling=sampling)
         out.append(y.max())  # the highest class in the crop: 2 when the small organ is in it
     return np.array(out)
 
@@ -50,12 +50,12 @@ def test_class_balanced_crops_reach_the_small_class():
 
 
 def test_crop_start_places_the_crop():
-    """``with_start``: the crop is the volume read from that start (padded where it leaves the volume)."""
+    """The crop is the volume read from the start it reports (padded where it leaves the volume)."""
     z, y, x = np.meshgrid(*[np.arange(n) for n in (30, 20, 10)], indexing="ij")
     cache, rng = OneVolume((z * 400 + y * 20 + x).astype(np.int64)), np.random.default_rng(0)
     starts = set()
     for _ in range(20):
-        img, lab, start = sample_crop(cache, 0, (16, 16, 16), rng, pos_fraction=0.5, with_start=True)
+        img, lab, start = sample_crop(cache, 0, (16, 16, 16), rng, pos_fraction=0.5)
         idx = np.meshgrid(*[s + np.arange(16) for s in start], indexing="ij")
         inside = np.all([(i >= 0) & (i < n) for i, n in zip(idx, (30, 20, 10))], axis=0)
         want = np.where(inside, idx[0] * 400 + idx[1] * 20 + idx[2], 0)

@@ -28,19 +28,15 @@ def sliding_predict(model: nn.Module, image: np.ndarray, roi: Sequence[int], ove
     model.eval()
     x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
     device = next(model.parameters()).device  # windows on the model's device, the whole volume's logits on the CPU
-    if uses_volume_positions(model):
-        # MONAI centres a volume smaller than the ROI in padding and gives windows in the padded grid
-        pad = np.array([max(r - n, 0) // 2 for r, n in zip(roi, image.shape[1:])])
+    with_coord = uses_volume_positions(model)
+    # MONAI centres a volume smaller than the ROI in padding and gives windows in the padded grid
+    pad = torch.tensor([max(r - n, 0) // 2 for r, n in zip(roi, image.shape[1:])])
 
-        def predictor(win: torch.Tensor, slices) -> torch.Tensor:
-            origin = torch.tensor([[sl[k].start for k in range(2, 5)] for sl in slices]) - torch.from_numpy(pad)
-            return model(win, origin_zyx=origin)
+    def placed(win: torch.Tensor, slices) -> torch.Tensor:
+        return model(win, origin_zyx=torch.tensor([[sl[k].start for k in range(2, 5)] for sl in slices]) - pad)
 
-        logits = sliding_window_inference(x, roi, 1, predictor, overlap=overlap, mode="gaussian", sw_device=device,
-                                          device="cpu", with_coord=True)
-    else:
-        logits = sliding_window_inference(x, roi, 1, model, overlap=overlap, mode="gaussian", sw_device=device,
-                                          device="cpu")
+    logits = sliding_window_inference(x, roi, 1, placed if with_coord else model, overlap=overlap, mode="gaussian",
+                                      sw_device=device, device="cpu", with_coord=with_coord)
     model.train()
     return logits.argmax(1)[0].numpy().astype(np.uint8)
 

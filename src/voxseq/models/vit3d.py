@@ -29,9 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from voxseq import VoxseqError
-
-
-POS_ORIGINS = ("crop", "volume")
+from voxseq.sequence.samplers import POS_ORIGINS
 
 
 @dataclass

@@ -36,6 +36,9 @@ import torch
 from voxseq import VoxseqError
 from voxseq.sequence.patches import patch_grid_coords
 
+POS_ORIGINS = ("crop", "volume")  # where token positions count from (ViTConfig.pos_origin)
+
+
 class VolumeSource(Protocol):
     """What the samplers read: :class:`voxseq.data.cache.Cache` implements it, so does :class:`ArraySource`."""
 
@@ -170,8 +173,8 @@ class SequenceDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, source: VolumeSource, cfg: SequenceConfig, length: int = 10**9, pos_origin: str = "crop"):
-        if pos_origin not in ("crop", "volume"):
-            raise VoxseqError(f"pos_origin must be 'crop' or 'volume', not {pos_origin!r}")
+        if pos_origin not in POS_ORIGINS:
+            raise VoxseqError(f"pos_origin must be one of {POS_ORIGINS}, not {pos_origin!r}")
         self.source, self.cfg, self.length, self.pos_origin = source, cfg, length, pos_origin
         self.grid = cfg.grid
         self.coords = patch_grid_coords(self.grid).astype(np.float32)  # (k, 3)

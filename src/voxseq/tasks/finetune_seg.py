@@ -113,11 +113,11 @@ def _class_voxels(lab: np.ndarray, rng) -> dict[int, np.ndarray]:
     return out
 
 
-def sample_crop(cache, i: int, roi, rng, pos_fraction: float, sampling: str = "foreground",
-                with_start: bool = False):
+def sample_crop(cache, i: int, roi, rng, pos_fraction: float,
+                sampling: str = "foreground") -> tuple[np.ndarray, np.ndarray, list[int]]:
     """(C, *roi) image and (*roi) label crop, centred on a random labelled voxel with ``pos_fraction``
-    (any labelled voxel, or with ``sampling="class_balanced"`` one of a class drawn uniformly first);
-    ``with_start`` adds the crop's start (z, y, x) in the volume (negative where it is padded)."""
+    (any labelled voxel, or with ``sampling="class_balanced"`` one of a class drawn uniformly first), and
+    the crop's start (z, y, x) in the volume (negative where it is padded)."""
     img, lab = cache.image(i), cache.label(i)
     shape = img.shape[1:]
     if rng.random() < pos_fraction:
@@ -143,9 +143,7 @@ def sample_crop(cache, i: int, roi, rng, pos_fraction: float, sampling: str = "f
         start = [int(rng.integers(0, max(1, n - r + 1))) if n >= r else -((r - n) // 2) for n, r in zip(shape, roi)]
     x, _ = read_window(img, start, roi, 0.0)
     y, _ = read_window(lab[None], start, roi, 0)
-    if with_start:
-        return x.astype(np.float32), y[0].astype(np.int64), start
-    return x.astype(np.float32), y[0].astype(np.int64)
+    return x.astype(np.float32), y[0].astype(np.int64), start
 
 
 def build_seg_model(cfg: SegConfig, init: str | None, load_weights: bool = True) -> tuple[UNETR3D, Preprocess | None, str]:
@@ -219,7 +217,7 @@ class SegTask(FinetuneTask):
     def batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         cfg, train, rng = self.cfg, self.train, self.rng
         crops = [sample_crop(self.cache, train[int(rng.integers(len(train)))], cfg.roi_zyx, rng, cfg.pos_fraction,
-                             cfg.crop_sampling, with_start=True) for _ in range(cfg.batch_size)]
+                             cfg.crop_sampling) for _ in range(cfg.batch_size)]
         x = torch.from_numpy(np.stack([c[0] for c in crops]))  # (B, C, D, H, W)
         y = torch.from_numpy(np.stack([c[1] for c in crops]))[:, None]  # (B, 1, D, H, W)
         origin = torch.tensor([c[2] for c in crops])  # (B, 3): for encoders with volume positions
