@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -70,6 +71,27 @@ def test_compare_runs_every_arm_pairs_by_seed_and_probes(tmp_path, runs):
     again = json.loads((out / "compare.json").read_text())
     assert again["runs"] == r["runs"] and again["probe"] == r["probe"]
     assert (out / "mae_r0.5_s0" / "metrics.jsonl").stat().st_mtime == mtime
+    # the reference CNN of examples/ trains on the same cache, crops and classes and scores the same volumes
+    ref = example("cnn_reference").main(["--config", str(ROOT / "configs" / "seg_phantom_organs5.yaml"), "--cache", str(out / "cache"),
+                    "--steps", "3", "--channels", "4,8", *SEG, "label_ratio=0.5"])
+    assert len(ref["dice_per_class"]) == 4 and 0 <= ref["mean_dice"] <= 1
+    assert ref["n_train"] == by_arm_train(r, "scratch") and ref["steps"] == 3
+    # and the AR run's next-token loss per label of the same volumes
+    per_label = example("ar_loss_by_label").main(["--run", str(ar), "--cache", str(out / "cache"), "--splits", "val"])
+    assert "0" in per_label and len(per_label) >= 2
+    assert all(v["tokens"] > 0 and 0 < v["loss"] < 10 and v["token_sd"] >= 0 for v in per_label.values())
+
+
+def example(name: str):
+    """A script of examples/ as a module."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def by_arm_train(result: dict, arm: str) -> int:
+    return next(x["n_train"] for x in result["runs"] if x["arm"] == arm)
 
 
 def test_compare_refuses_unfair_or_unknown_set_ups(tmp_path, runs, capsys):

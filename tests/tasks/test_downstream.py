@@ -177,6 +177,9 @@ def test_token_linear_probe_runs_on_both_encoders(tmp_path, ar_run):
     for name in ("pretrained", "random"):
         assert r[name]["test_tokens"] > 50
         assert 1 / 11 < r[name]["balanced_accuracy"] <= 1  # organs are partly linearly decodable from tokens
+        recall = r[name]["recall"]  # per organ label of the test tokens; balanced accuracy is their mean
+        assert "0" in recall and len(recall) >= 3 and all(0 <= v <= 1 for v in recall.values())
+        assert np.mean(list(recall.values())) == pytest.approx(r[name]["balanced_accuracy"])
     assert r["n_train_volumes"] == 7 and r["n_test_volumes"] == 3
     # the per-layer curve: every block, the final output and the mean of blocks, for both encoders; the
     # headline is the default layer (the middle block of an AR run); whole volumes by default

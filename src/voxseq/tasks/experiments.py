@@ -220,10 +220,11 @@ def token_features(encoder, cache, indices: list[int], max_tokens: int, rng, lay
     return xs, y
 
 
-def fit_probe(xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndarray) -> dict[str, float]:
-    """Logistic regression on standardised features; accuracy and balanced accuracy on the test tokens."""
+def fit_probe(xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndarray) -> dict[str, Any]:
+    """Logistic regression on standardised features; accuracy, balanced accuracy and the recall of each label
+    (``recall``: {label: recall} over the labels of the test tokens) on the test tokens."""
     from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import accuracy_score, balanced_accuracy_score
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, recall_score
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
@@ -233,7 +234,10 @@ def fit_probe(xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndarray
     with threadpool_limits(1):  # a multi-threaded BLAS on a busy machine made each fit ~25x slower
         clf.fit(xtr, ytr)
         pred = clf.predict(xte)
-    return {"accuracy": float(accuracy_score(yte, pred)), "balanced_accuracy": float(balanced_accuracy_score(yte, pred))}
+    labels = sorted(int(v) for v in np.unique(yte))
+    recall = recall_score(yte, pred, labels=labels, average=None, zero_division=0)
+    return {"accuracy": float(accuracy_score(yte, pred)), "balanced_accuracy": float(balanced_accuracy_score(yte, pred)),
+            "recall": {str(k): float(r) for k, r in zip(labels, recall)}}
 
 
 def probe_encoders(config: str | Path, out: Path, encoders: dict[str, Any], pre, overrides: list[str] | None,
