@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from voxseq.cli import main
+from voxseq.data.cache import Cache
 from voxseq.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -184,6 +185,12 @@ def test_zero_shot_retrieval_embed_and_finetune_take_the_checkpoint(tmp_path, tr
     tiles = np.load(tmp_path / "zs3" / a["tiles"])  # every tile's scores, to pool again without embedding
     assert tiles["p"].shape == (sum(a["tiles_per_volume"]), len(r3["per_label"])) and len(tiles["ids"]) == 4
     assert tiles["shows"].shape == (len(tiles["p"]), len(tiles["organs"])) and "liver" in list(tiles["organs"])
+    box = tiles["box_zyx"]  # where each tile sits: training-chunk sized, overlapping by half, covering the volume
+    assert box.shape == (len(tiles["p"]), 6) and (box[:, 3:] > box[:, :3]).all()
+    first = box[tiles["volume"] == 0]
+    cache = Cache(out / "cache")
+    shape = next(cache.entry(i)["shape_zyx"] for i in range(len(cache)) if cache.entry(i)["id"] == tiles["ids"][0])
+    assert first[:, 0].min() == 0 and first[:, 3].max() >= shape[0] and len(np.unique(first[:, 0])) > 1
     assert main(["evaluate", "zero-shot", "--checkpoint", str(trained), "--aggregate", "organ", "--pool", "median",
                  "--out", str(tmp_path / "zs4"), str(out / "cache")]) == 2
 

@@ -126,12 +126,13 @@ def organ_chunks(cache: Cache, meta: dict[str, Any], n_chunks: int, seed: int = 
     return [it for it in items if it["organs"]]  # not the report fallback
 
 
-def volume_tiles(model, cache: Cache, rows: list[int], meta: dict[str, Any], slices: int | None = None
-                 ) -> tuple[list[np.ndarray], list[list[list[str]]] | None]:
+def volume_tiles(model, cache: Cache, rows: list[int], meta: dict[str, Any], slices: int | None = None,
+                 boxes: list[np.ndarray] | None = None) -> tuple[list[np.ndarray], list[list[list[str]]] | None]:
     """Each volume as tiles of the checkpoint's training chunk (its thickness, or ``slices``; its in-plane
     crop), overlapping by half along every axis: their (n_tiles, D) embeddings per volume, and the organs each
     tile shows by the organ masks (the training rule: ``chunks.organ_fraction`` / ``chunk_fraction``), or None
-    when some volume has no masks."""
+    when some volume has no masks. ``boxes``, when given, receives each volume's (n_tiles, 6) tile boxes
+    (z0, y0, x0, z1, y1, x1) in the cache's voxels (ends may pass the volume where a tile is padded)."""
     from voxseq.sequence.chunks import label_counts, organ_masks, volume_chunks, window_organs
 
     ccfg = from_dict(ChunkConfig, meta["config"]["chunks"])
@@ -141,6 +142,9 @@ def volume_tiles(model, cache: Cache, rows: list[int], meta: dict[str, Any], sli
         image = cache.image(i)
         tiles = volume_chunks(image, p, thick, _pad_value(meta), ccfg.crop_yx, z_overlap=True)
         emb.append(embed_items(model, tiles))
+        if boxes is not None:
+            boxes.append(np.array([[t["z0"], t["y0"], t["x0"], t["z1"], t["y0"] + t["grid"][1] * p,
+                                    t["x0"] + t["grid"][2] * p] for t in tiles], dtype=np.int32).reshape(-1, 6))
         masks, mapping = organ_masks(cache, i)
         if masks is None or organs is None:
             organs = None
@@ -175,11 +179,16 @@ TILES_NPZ = "zero_shot_tiles.npz"  # every tile's P(present) per label (--aggreg
 
 
 def save_tile_scores(path: Path, ids: list[str], names: list[str], tile_p: list[np.ndarray],
-                     tile_organs: list[list[list[str]]] | None, organs: list[str]) -> Path:
+                     tile_organs: list[list[list[str]]] | None, organs: list[str],
+                     boxes: list[np.ndarray] | None = None) -> Path:
     """Every tile's P(present) per label in one npz: ``p`` (T, K), ``volume`` (T,) row of ``ids``, ``labels``,
-    ``ids``, and with organ masks ``organs`` and ``shows`` (T, O) whether each tile shows each organ."""
+    ``ids``, with tile boxes ``box_zyx`` (T, 6): z0, y0, x0, z1, y1, x1 in the prepared volume's voxels (where
+    in a scan a label scores high), and with organ masks ``organs`` and ``shows`` (T, O) whether each tile
+    shows each organ."""
     arrays: dict[str, Any] = {"p": np.concatenate(tile_p).astype(np.float32), "labels": np.array(names),
                               "ids": np.array(ids), "volume": np.repeat(np.arange(len(tile_p)), [len(t) for t in tile_p])}
+    if boxes is not None:
+        arrays["box_zyx"] = np.concatenate(boxes).astype(np.int32)
     if tile_organs is not None and organs:
         arrays["organs"] = np.array(organs)
         arrays["shows"] = np.array([[o in shown for o in organs] for v in tile_organs for shown in v], dtype=bool)
@@ -258,13 +267,15 @@ def run_zero_shot(checkpoint: str | Path, source: str | Path, out: str | Path, *
     organ_of = prompt_organs(prompts)  # label -> the organ its prompts name
     if aggregate == "organ":
         label_organs = [organ_of.get(n) for n in names]
-        emb, mask_organs = volume_tiles(model, cache, rows, meta, chunk_slices)
+        boxes: list[np.ndarray] = []
+        emb, mask_organs = volume_tiles(model, cache, rows, meta, chunk_slices, boxes)
         tile_p = [pair_softmax_scores(e, pos, neg, temperature) for e in emb]
         organ_names = sorted({o for o in label_organs if o})
         by_prompt = prompt_tile_organs(model, tokenizer, emb, organ_names, max_len, organ_template)
         used, chosen = pick_localisation(localise, mask_organs, by_prompt, source)
         scores = localised_scores(tile_p, chosen, label_organs, pool, top_k)
-        save_tile_scores(out / TILES_NPZ, [str(entries[i]["id"]) for i in rows], names, tile_p, mask_organs, organ_names)
+        save_tile_scores(out / TILES_NPZ, [str(entries[i]["id"]) for i in rows], names, tile_p, mask_organs, organ_names,
+                         boxes)
         aggregation = {"localise": used, "pool": pool, "top_k": top_k, "label_organs": dict(zip(names, label_organs)),
                        "tiles_per_volume": [int(len(e)) for e in emb], "tiles": TILES_NPZ,
                        "comparison": aggregation_comparison(tile_p, mask_organs, by_prompt, label_organs, truth, names,
