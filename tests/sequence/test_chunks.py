@@ -241,6 +241,23 @@ def test_organ_centred_crops_hold_their_organ_or_its_lesion():
         cfg(crop_yx=[8, 8], crop_center="middle")
 
 
+def test_organ_jitter_spreads_organ_windows_and_keeps_the_organ_inside():
+    src = organ_source(2)
+    spread = {}
+    for jitter in (0.0, 0.25, 0.5):
+        ds = ChunkTextDataset(src, cfg(min_slices=8, max_slices=8, crop_yx=[8, 8], crop_center="organ",
+                                       text_mode="one", organ_jitter=jitter))
+        items = [ds[i] for i in range(300)]
+        liver = [it for it in items if it["text"] == SENTENCES["liver"]]
+        assert len(liver) > 10
+        for it in liver:  # the window holds a liver voxel (z 14..30, y and x 0..4) wherever the jitter puts it
+            assert it["z0"] <= 30 and it["z1"] > 14 and it["y0"] <= 4 and it["x0"] <= 4
+        spread[jitter] = np.std([it["y0"] for it in liver]) + np.std([it["x0"] for it in liver])
+    assert spread[0.0] < spread[0.25] < spread[0.5]
+    with pytest.raises(VoxseqError, match="organ_jitter"):
+        cfg(organ_jitter=0.6)
+
+
 def test_sentence_key_agrees_with_the_loss():
     siglip = pytest.importorskip("voxseq.objectives.siglip")
     for text in ("The lungs are clear.", "  Normal HEART size. ", "Whole report."):

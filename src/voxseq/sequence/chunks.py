@@ -64,6 +64,8 @@ class ChunkConfig:
     crop_center: str = "random"  # "random" crops, or "organ": around an organ (its lesion when it has one)
     lesion_centred: bool = True  # organ windows hold the organ's lesion when it has one; false: placed from the
     # organ alone and never redrawn (evaluation: where a window sits says nothing about the findings)
+    organ_jitter: float = 0.25  # an organ window without a lesion holds a random organ voxel up to this fraction
+    # of the window from its centre; 0.5: anywhere in the window, as a lesion-centred window holds its lesion
     organ_fraction: float = 0.3  # shown: the chunk holds >= this fraction of the organ's voxels ...
     chunk_fraction: float = 0.05  # ... or the organ fills >= this fraction of the chunk
     lesion_fraction: float = 0.5  # an organ with lesion boxes is shown only by chunks holding this share of one
@@ -86,6 +88,8 @@ class ChunkConfig:
         for name in ("organ_fraction", "chunk_fraction"):
             if not 0 < getattr(self, name) <= 1:
                 raise VoxseqError(f"chunks.{name} must be in (0, 1], not {getattr(self, name)}")
+        if not 0 <= self.organ_jitter <= 0.5:
+            raise VoxseqError(f"chunks.organ_jitter must be in [0, 0.5], not {self.organ_jitter}")
         if not 0 <= self.lesion_fraction <= 1:
             raise VoxseqError(f"chunks.lesion_fraction must be in [0, 1], not {self.lesion_fraction}")
         if not 0 <= self.focus_fraction <= 1:
@@ -407,9 +411,9 @@ class ChunkTextDataset(torch.utils.data.Dataset):
                       ) -> tuple[int, list[int], str]:
         """(z0, in-plane start, organ) of a window around one organ of volume ``v`` (``focus`` when given and
         present): holding one of its lesion boxes whole (at a uniformly random place) when it has some and
-        ``lesion_centred``, else centred near a random voxel of it (jittered by up to a quarter of the window).
-        Without lesion centring the place does not depend on the findings: an evaluation then cannot tell a
-        lesion by where the window sits."""
+        ``lesion_centred``, else centred near a random voxel of it (jittered by up to ``organ_jitter`` of the
+        window; 0.5 puts the voxel anywhere in it, as the lesion is put). Without lesion centring the place does
+        not depend on the findings: an evaluation then cannot tell a lesion by where the window sits."""
         counts = self._volume_counts(v, masks)
         names = [n for n, ids in mapping.items() if counts[ids].sum() > 0] or list(mapping)
         name = focus if focus in names else names[int(rng.integers(len(names)))]
@@ -423,7 +427,11 @@ class ChunkTextDataset(torch.utils.data.Dataset):
         else:
             point = self._organ_points(v, masks, name, mapping[name])
             centre = point[int(rng.integers(len(point)))] if len(point) else np.asarray(masks.shape) // 2
-            start = [int(c) - k // 2 + int(rng.integers(-(k // 4), k // 4 + 1)) for c, k in zip(centre, size_zyx)]
+            start = []
+            for c, k in zip(centre, size_zyx):
+                a = min(int(k * self.cfg.organ_jitter), k // 2)  # the voxel's largest offset from the window's centre
+                at = min(k // 2 - int(rng.integers(-a, a + 1)), k - 1)  # where in the window the voxel falls
+                start.append(int(c) - at)
         return start[0], start[1:], name
 
     def _organ_points(self, v: int, masks: np.ndarray, name: str, ids: list[int]) -> np.ndarray:

@@ -113,11 +113,13 @@ def organ_chunks(cache: Cache, meta: dict[str, Any], n_chunks: int, seed: int = 
 
     Organ windows are placed without looking at the lesions (``lesion_centred`` off): whether one holds a
     lesion is then chance, and its place says nothing about the finding. An organ with lesions counts as
-    shown only by windows that hold one (``lesion_fraction``), as in training. ``slices``: every chunk this
-    thick instead (a multiple of the patch; thicker than training shows the model longer inputs than it saw)."""
+    shown only by windows that hold one (``lesion_fraction``), as in training. Every checkpoint is tested on
+    the same placement (the default ``organ_jitter``), whatever jitter it trained with. ``slices``: every chunk
+    this thick instead (a multiple of the patch; thicker than training shows the model longer inputs than it saw)."""
     thickness = {"min_slices": slices, "max_slices": slices} if slices else {}
     cfg = from_dict(ChunkConfig, {**meta["config"]["chunks"], "text_mode": "all", "max_sentences": 64, "seed": seed,
-                                  "focus_fraction": 0.0, "lesion_centred": False, **thickness})
+                                  "focus_fraction": 0.0, "lesion_centred": False,
+                                  "organ_jitter": ChunkConfig.organ_jitter, **thickness})
     try:
         ds = ChunkTextDataset(cache, cfg)
     except VoxseqError:
