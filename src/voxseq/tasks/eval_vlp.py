@@ -134,7 +134,7 @@ def volume_tiles(model, cache: Cache, rows: list[int], meta: dict[str, Any], sli
     crop), overlapping by half along every axis: their (n_tiles, D) embeddings per volume, and the organs each
     tile shows by the organ masks (the training rule: ``chunks.organ_fraction`` / ``chunk_fraction``), or None
     when some volume has no masks. ``boxes``, when given, receives each volume's (n_tiles, 6) tile boxes
-    (z0, y0, x0, z1, y1, x1) in the cache's voxels (ends may pass the volume where a tile is padded)."""
+    (z0, y0, x0, z1, y1, x1) in the cache's voxels (a padded tile may start before 0 or end past the volume)."""
     from voxseq.sequence.chunks import label_counts, organ_masks, volume_chunks, window_organs
 
     ccfg = from_dict(ChunkConfig, meta["config"]["chunks"])
