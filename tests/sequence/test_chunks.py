@@ -241,19 +241,30 @@ def test_organ_centred_crops_hold_their_organ_or_its_lesion():
         cfg(crop_yx=[8, 8], crop_center="middle")
 
 
-def test_organ_jitter_spreads_organ_windows_and_keeps_the_organ_inside():
+def test_organ_jitter_places_the_organ_voxel_in_the_window():
     src = organ_source(2)
-    spread = {}
     for jitter in (0.0, 0.25, 0.5):
         ds = ChunkTextDataset(src, cfg(min_slices=8, max_slices=8, crop_yx=[8, 8], crop_center="organ",
-                                       text_mode="one", organ_jitter=jitter))
-        items = [ds[i] for i in range(300)]
-        liver = [it for it in items if it["text"] == SENTENCES["liver"]]
-        assert len(liver) > 10
-        for it in liver:  # the window holds a liver voxel (z 14..30, y and x 0..4) wherever the jitter puts it
-            assert it["z0"] <= 30 and it["z1"] > 14 and it["y0"] <= 4 and it["x0"] <= 4
-        spread[jitter] = np.std([it["y0"] for it in liver]) + np.std([it["x0"] for it in liver])
-    assert spread[0.0] < spread[0.25] < spread[0.5]
+                                       lesion_centred=False, organ_jitter=jitter))
+        masks, mapping = ds._masks(1)
+        # the organ voxel the window is placed around, seen through a generator that replays the draws
+        at = []
+        for i in range(300):
+            rng, replay = np.random.default_rng(i), np.random.default_rng(i)
+            z0, start_yx, name = ds._organ_window(rng, 1, masks, mapping, [8, 8, 8], "liver")
+            assert name == "liver"
+            point = ds._organ_points(1, masks, "liver", mapping["liver"])
+            voxel = point[int(replay.integers(len(point)))]
+            at.append(voxel - np.array([z0, *start_yx]))
+        at = np.array(at)
+        assert (at >= 0).all() and (at < 8).all()  # the voxel is inside the window at every jitter
+        if jitter == 0.0:
+            assert (at == 4).all()
+        if jitter == 0.25:  # the placement of earlier versions: within k // 4 of the centre
+            assert set(at.ravel()) == set(range(2, 7))
+        if jitter == 0.5:  # anywhere in the window, every place about equally often
+            counts = np.bincount(at.ravel(), minlength=8)
+            assert len(counts) == 8 and counts.min() > 0.6 * counts.mean()
     with pytest.raises(VoxseqError, match="organ_jitter"):
         cfg(organ_jitter=0.6)
 

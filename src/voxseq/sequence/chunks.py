@@ -429,8 +429,10 @@ class ChunkTextDataset(torch.utils.data.Dataset):
             centre = point[int(rng.integers(len(point)))] if len(point) else np.asarray(masks.shape) // 2
             start = []
             for c, k in zip(centre, size_zyx):
-                a = min(int(k * self.cfg.organ_jitter), k // 2)  # the voxel's largest offset from the window's centre
-                at = min(k // 2 - int(rng.integers(-a, a + 1)), k - 1)  # where in the window the voxel falls
+                a = min(int(k * self.cfg.organ_jitter + 1e-9), k // 2)  # the voxel's largest offset from the centre
+                # where in the window the voxel falls: k // 2 - offset, kept inside the window (uniform over the
+                # window at jitter 0.5)
+                at = k // 2 - int(rng.integers(-min(a, k - 1 - k // 2), a + 1))
                 start.append(int(c) - at)
         return start[0], start[1:], name
 
