@@ -4,7 +4,9 @@ Pretraining only teaches what the next token makes predictable. This cuts window
 shape from the cache's evaluation volumes, runs the AR model causally (prefix 0) and averages each token's
 loss (the run's own target: normalised pixels unless it trained with norm_pix=false) by the label at the
 token's centre. With the normalised target a loss near 1.0 means the model does no better than predicting
-0, i.e. the tokens of that label taught it nothing. docs/reproducing.md ("Why no model learns the liver and
+0, i.e. the tokens of that label taught it nothing. One sub-volume is scored from its first token with crop
+positions, so a token has less context than in training (where other sub-volumes come first): the losses
+are upper bounds, comparable between labels and between runs of one sequence setting. docs/reproducing.md ("Why no model learns the liver and
 kidneys here") gives its figures on the v2 phantoms.
 
     python examples/ar_loss_by_label.py --run runs/ar_tiny --cache runs/cmp/cache

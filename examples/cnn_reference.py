@@ -10,6 +10,9 @@ kidneys here") gives its figures on the v2 phantoms.
     python examples/cnn_reference.py --config configs/seg_phantom_v2.yaml --cache runs/cmp/cache \
         --steps 3000 crop_sampling=class_balanced
 
+Pass the same overrides as the fine-tuning it stands beside (``seed=S label_ratio=R`` pick the same split and
+labelled subset; ``data.phantoms.seed`` is only recorded). It is a plain reference, not a replica of the
+fine-tuning recipe: AdamW with a one-cycle schedule over every parameter, no gradient clipping, no layer decay.
 The last line printed is JSON: mean Dice, Dice per class, steps and seconds.
 """
 
