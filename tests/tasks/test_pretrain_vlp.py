@@ -6,6 +6,7 @@ tokenizer: fast, and it exercises loading "any local Hugging Face checkpoint by 
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -17,7 +18,10 @@ import numpy as np
 import pytest
 
 from voxseq.cli import main
+from voxseq.config import from_dict
 from voxseq.data.cache import Cache
+from voxseq.sequence.chunks import ChunkConfig, ChunkTextDataset
+from voxseq.train.checkpoint import load_checkpoint
 from voxseq.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -130,6 +134,24 @@ def test_resume_reproduces_uninterrupted_losses(tmp_path, text_model, cache):
         (tmp_path / "cut" / "checkpoints" / f"model_{step:08d}.json").unlink()
     assert main([*common, "--out", str(tmp_path / "cut"), "--resume"]) == 0
     assert losses(tmp_path / "cut") == losses(tmp_path / "full")
+
+
+def test_zero_shot_organ_chunks_are_placed_alike_for_every_checkpoint(trained, cache):
+    from voxseq.tasks.eval_vlp import organ_chunks
+
+    meta = load_checkpoint(trained).meta
+    placed = {}
+    for jitter in (0.0, 0.5):  # checkpoints trained with organ windows placed differently ...
+        m = copy.deepcopy(meta)
+        m["config"]["chunks"].update(crop_yx=[16, 16], crop_center="organ", organ_jitter=jitter)
+        placed[jitter] = [(c["z0"], c["y0"], c["x0"]) for c in organ_chunks(Cache(cache), m, 40)]
+    assert placed[0.0] and placed[0.0] == placed[0.5]  # ... are scored on the same organ chunks
+    # (what the pin prevents: the checkpoint's own jitter would move the windows)
+    cfg = {**meta["config"]["chunks"], "crop_yx": [16, 16], "crop_center": "organ", "lesion_centred": False,
+           "focus_fraction": 0.0, "seed": 12345}
+    own = [ChunkTextDataset(Cache(cache), from_dict(ChunkConfig, {**cfg, "organ_jitter": j}))[i]["y0"]
+           for j in (0.0, 0.5) for i in range(40)]
+    assert own[:40] != own[40:]
 
 
 def test_zero_shot_retrieval_embed_and_finetune_take_the_checkpoint(tmp_path, trained):
