@@ -31,10 +31,9 @@ def main(argv: list[str] | None = None) -> dict:
     from monai.losses import DiceCELoss
     from monai.networks.nets import UNet
 
-    from voxseq.data.adapters import label_subset
     from voxseq.eval.segmentation import evaluate_segmentation
     from voxseq.tasks.data import open_cache
-    from voxseq.tasks.finetune_seg import labelled_splits, load_seg_config, sample_crop
+    from voxseq.tasks.finetune_seg import crop_batch, load_seg_config, seg_cases
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", required=True, help="segmentation config (classes, crops, label map, splits)")
@@ -48,12 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     cache = open_cache(Path(args.cache), None, cfg.data.label_map)
-    labelled = [i for i in range(len(cache)) if cache.entry(i).get("has_label")]
-    splits = labelled_splits(cache, labelled, cfg.seed)
-    train = [i for i in labelled if splits[i] == "train"]
-    keep = label_subset([cache.entry(i)["id"] for i in train], cfg.label_ratio, cfg.seed)  # fine-tuning's subset
-    train = [i for i in train if cache.entry(i)["id"] in keep]
-    evaluate = [i for i in labelled if splits[i] in cfg.eval_splits]
+    train, evaluate = seg_cases(cache, cfg)  # the fine-tuning's labelled subset and evaluation volumes
     channels = tuple(int(c) for c in args.channels.split(","))
     net = UNet(3, cache.entry(train[0]).get("channels", 1), cfg.unetr.out_channels, channels=channels,
                strides=(2,) * (len(channels) - 1), num_res_units=1)
@@ -63,10 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=cfg.dice_batch, include_background=cfg.dice_background)
     start = time.perf_counter()
     for step in range(args.steps):
-        crops = [sample_crop(cache, train[int(rng.integers(len(train)))], cfg.roi_zyx, rng, cfg.pos_fraction,
-                             cfg.crop_sampling) for _ in range(cfg.batch_size)]
-        x = torch.from_numpy(np.stack([c[0] for c in crops]))
-        y = torch.from_numpy(np.stack([c[1] for c in crops]))[:, None]
+        x, y, _ = crop_batch(cache, train, cfg, rng)
         loss = loss_fn(net(x), y)
         opt.zero_grad()
         loss.backward()

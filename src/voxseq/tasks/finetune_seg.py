@@ -98,6 +98,18 @@ def labelled_splits(cache, labelled: list[int], seed: int) -> dict[int, str]:
     return splits
 
 
+def seg_cases(cache, cfg: SegConfig) -> tuple[list[int], list[int]]:
+    """The cached volumes a fine-tuning trains on (its ``label_ratio`` subset of the training split, fixed by
+    ``seed``) and those it is scored on (``eval_splits``)."""
+    labelled = [i for i in range(len(cache)) if cache.entry(i).get("has_label")]
+    if not labelled:
+        raise VoxseqError("no labelled volumes in the cache: segmentation needs labels")
+    splits = labelled_splits(cache, labelled, cfg.seed)
+    train = [i for i in labelled if splits[i] == "train"]
+    keep = label_subset([cache.entry(i)["id"] for i in train], cfg.label_ratio, cfg.seed)
+    return [i for i in train if cache.entry(i)["id"] in keep], [i for i in labelled if splits[i] in cfg.eval_splits]
+
+
 def load_seg_config(path, overrides=None) -> SegConfig:
     return load_config(SegConfig, path, overrides)
 
@@ -144,6 +156,16 @@ def sample_crop(cache, i: int, roi, rng, pos_fraction: float,
     x, _ = read_window(img, start, roi, 0.0)
     y, _ = read_window(lab[None], start, roi, 0)
     return x.astype(np.float32), y[0].astype(np.int64), start
+
+
+def crop_batch(cache, cases: list[int], cfg: SegConfig, rng) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One training batch of ``cfg.batch_size`` crops (``sample_crop``) from random ``cases``: images
+    (B, C, *roi), labels (B, 1, *roi) and each crop's start (B, 3), for encoders with volume positions."""
+    crops = [sample_crop(cache, cases[int(rng.integers(len(cases)))], cfg.roi_zyx, rng, cfg.pos_fraction,
+                         cfg.crop_sampling) for _ in range(cfg.batch_size)]
+    x = torch.from_numpy(np.stack([c[0] for c in crops]))
+    y = torch.from_numpy(np.stack([c[1] for c in crops]))[:, None]
+    return x, y, torch.tensor([c[2] for c in crops])
 
 
 def build_seg_model(cfg: SegConfig, init: str | None, load_weights: bool = True) -> tuple[UNETR3D, Preprocess | None, str]:
@@ -195,14 +217,7 @@ class SegTask(FinetuneTask):
             raise VoxseqError(f"roi_zyx {cfg.roi_zyx} must be multiples of the patch size {patch}")
         cfg.model = self.model.encoder.cfg
         self.cache = cache = training_cache(cfg.data, run_dir, None, main=ctx.main, progress=ctx.progress)
-        labelled = [i for i in range(len(cache)) if cache.entry(i).get("has_label")]
-        if not labelled:
-            raise VoxseqError("no labelled volumes in the cache: segmentation needs labels")
-        splits = labelled_splits(cache, labelled, cfg.seed)
-        train = [i for i in labelled if splits[i] == "train"]
-        keep = label_subset([cache.entry(i)["id"] for i in train], cfg.label_ratio, cfg.seed)
-        self.train = [i for i in train if cache.entry(i)["id"] in keep]
-        self.val = [i for i in labelled if splits[i] in cfg.eval_splits]
+        self.train, self.val = seg_cases(cache, cfg)
         self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=cfg.dice_batch,
                                   include_background=cfg.dice_background)
         self._meta = {"task": "finetune-seg", "config": to_dict(cfg), "model": to_dict(cfg.model),
@@ -215,12 +230,7 @@ class SegTask(FinetuneTask):
         self.result: dict[str, Any] | None = None
 
     def batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        cfg, train, rng = self.cfg, self.train, self.rng
-        crops = [sample_crop(self.cache, train[int(rng.integers(len(train)))], cfg.roi_zyx, rng, cfg.pos_fraction,
-                             cfg.crop_sampling) for _ in range(cfg.batch_size)]
-        x = torch.from_numpy(np.stack([c[0] for c in crops]))  # (B, C, D, H, W)
-        y = torch.from_numpy(np.stack([c[1] for c in crops]))[:, None]  # (B, 1, D, H, W)
-        origin = torch.tensor([c[2] for c in crops])  # (B, 3): for encoders with volume positions
+        x, y, origin = crop_batch(self.cache, self.train, self.cfg, self.rng)
         return x.to(self.ctx.device), y.to(self.ctx.device), origin
 
     def loss(self, net, batch, step: int, micro: int):
