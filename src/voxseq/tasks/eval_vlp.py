@@ -128,34 +128,33 @@ def organ_chunks(cache: Cache, meta: dict[str, Any], n_chunks: int, seed: int = 
     return [it for it in items if it["organs"]]  # not the report fallback
 
 
-def volume_tiles(model, cache: Cache, rows: list[int], meta: dict[str, Any], slices: int | None = None,
-                 boxes: list[np.ndarray] | None = None) -> tuple[list[np.ndarray], list[list[list[str]]] | None]:
+def volume_tiles(model, cache: Cache, rows: list[int], meta: dict[str, Any], slices: int | None = None
+                 ) -> tuple[list[np.ndarray], list[list[list[str]]] | None, list[np.ndarray]]:
     """Each volume as tiles of the checkpoint's training chunk (its thickness, or ``slices``; its in-plane
     crop), overlapping by half along every axis: their (n_tiles, D) embeddings per volume, and the organs each
     tile shows by the organ masks (the training rule: ``chunks.organ_fraction`` / ``chunk_fraction``), or None
-    when some volume has no masks. ``boxes``, when given, receives each volume's (n_tiles, 6) tile boxes
-    (z0, y0, x0, z1, y1, x1) in the cache's voxels (a padded tile may start before 0 or end past the volume)."""
+    when some volume has no masks, and each volume's (n_tiles, 6) tile boxes (z0, y0, x0, z1, y1, x1) in the
+    cache's voxels (a padded tile may start before 0 or end past the volume)."""
     from voxseq.sequence.chunks import label_counts, organ_masks, volume_chunks, window_organs
 
     ccfg = from_dict(ChunkConfig, meta["config"]["chunks"])
     p, thick = model.cfg.vision.patch_size, slices or ccfg.max_slices
-    emb, organs = [], []
+    emb, organs, boxes = [], [], []
     for i in _progress(rows, "zero-shot: embedding volume tiles"):
         image = cache.image(i)
         tiles = volume_chunks(image, p, thick, _pad_value(meta), ccfg.crop_yx, z_overlap=True)
         emb.append(embed_items(model, tiles))
-        if boxes is not None:
-            boxes.append(np.array([[t["z0"], t["y0"], t["x0"], t["z1"], t["y0"] + t["grid"][1] * p,
-                                    t["x0"] + t["grid"][2] * p] for t in tiles], dtype=np.int32).reshape(-1, 6))
+        box = np.array([[t["z0"], t["y0"], t["x0"], t["z1"], t["y0"] + t["grid"][1] * p, t["x0"] + t["grid"][2] * p]
+                        for t in tiles], dtype=np.int32).reshape(-1, 6)
+        boxes.append(box)
         masks, mapping = organ_masks(cache, i)
         if masks is None or organs is None:
             organs = None
             continue
         counts = label_counts(masks, len(cache.entry(i).get("regions", [])))
-        organs.append([window_organs(masks, counts, mapping, [t["z0"], t["y0"], t["x0"]],
-                                     [t["z1"] - t["z0"], t["grid"][1] * p, t["grid"][2] * p],
-                                     ccfg.organ_fraction, ccfg.chunk_fraction) for t in tiles])
-    return emb, organs
+        organs.append([window_organs(masks, counts, mapping, b[:3], [e - s for s, e in zip(b[:3], b[3:])],
+                                     ccfg.organ_fraction, ccfg.chunk_fraction) for b in box.tolist()])
+    return emb, organs, boxes
 
 
 def prompt_tile_organs(model, tokenizer, tile_emb: list[np.ndarray], organs: list[str], max_len: int,
@@ -181,16 +180,14 @@ TILES_NPZ = "zero_shot_tiles.npz"  # every tile's P(present) per label (--aggreg
 
 
 def save_tile_scores(path: Path, ids: list[str], names: list[str], tile_p: list[np.ndarray],
-                     tile_organs: list[list[list[str]]] | None, organs: list[str],
-                     boxes: list[np.ndarray] | None = None) -> Path:
+                     tile_organs: list[list[list[str]]] | None, organs: list[str], boxes: list[np.ndarray]) -> Path:
     """Every tile's P(present) per label in one npz: ``p`` (T, K), ``volume`` (T,) row of ``ids``, ``labels``,
     ``ids``, with tile boxes ``box_zyx`` (T, 6): z0, y0, x0, z1, y1, x1 in the prepared volume's voxels (where
     in a scan a label scores high), and with organ masks ``organs`` and ``shows`` (T, O) whether each tile
     shows each organ."""
     arrays: dict[str, Any] = {"p": np.concatenate(tile_p).astype(np.float32), "labels": np.array(names),
-                              "ids": np.array(ids), "volume": np.repeat(np.arange(len(tile_p)), [len(t) for t in tile_p])}
-    if boxes is not None:
-        arrays["box_zyx"] = np.concatenate(boxes).astype(np.int32)
+                              "ids": np.array(ids), "volume": np.repeat(np.arange(len(tile_p)), [len(t) for t in tile_p]),
+                              "box_zyx": np.concatenate(boxes).astype(np.int32)}
     if tile_organs is not None and organs:
         arrays["organs"] = np.array(organs)
         arrays["shows"] = np.array([[o in shown for o in organs] for v in tile_organs for shown in v], dtype=bool)
@@ -269,8 +266,7 @@ def run_zero_shot(checkpoint: str | Path, source: str | Path, out: str | Path, *
     organ_of = prompt_organs(prompts)  # label -> the organ its prompts name
     if aggregate == "organ":
         label_organs = [organ_of.get(n) for n in names]
-        boxes: list[np.ndarray] = []
-        emb, mask_organs = volume_tiles(model, cache, rows, meta, chunk_slices, boxes)
+        emb, mask_organs, boxes = volume_tiles(model, cache, rows, meta, chunk_slices)
         tile_p = [pair_softmax_scores(e, pos, neg, temperature) for e in emb]
         organ_names = sorted({o for o in label_organs if o})
         by_prompt = prompt_tile_organs(model, tokenizer, emb, organ_names, max_len, organ_template)
@@ -350,7 +346,7 @@ def run_retrieval(checkpoint: str | Path, source: str | Path, out: str | Path, *
     truth = np.array([[cache.entry(i)["classes"][n] for n in labels] for i in rows], dtype=int) if labels else None
     extra: dict[str, Any] = {}
     if aggregate == "organ":
-        tiles, mask_organs = volume_tiles(model, cache, rows, meta)
+        tiles, mask_organs, _ = volume_tiles(model, cache, rows, meta)
         reports = [report_sentences(cache.entry(i)) for i in rows]
         texts = sorted({t for r in reports for _, t in r})
         sent_emb = embed_texts(model, tokenizer, texts, max_len)
