@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> dict:
     from voxseq.models.hub import encoder_config, load_checkpoint
     from voxseq.models.vit3d import ARViT3D
     from voxseq.objectives.ar import norm_pixel_target
-    from voxseq.sequence.patches import patch_grid_coords, patchify_np
+    from voxseq.sequence.patches import patch_grid_coords, patchify
     from voxseq.tasks.data import open_cache
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -56,17 +56,18 @@ def main(argv: list[str] | None = None) -> dict:
     for i in range(len(cache)):
         if cache.entry(i)["split"] not in splits or not cache.entry(i).get("has_label"):
             continue
-        img, lab = np.asarray(cache.image(i), np.float32)[0], np.asarray(cache.label(i))
-        if any(n < w for n, w in zip(img.shape, window)):
+        img, lab = np.asarray(cache.image(i), np.float32), np.asarray(cache.label(i))  # img: (C, Z, Y, X)
+        if any(n < w for n, w in zip(img.shape[1:], window)):
             continue
         for _ in range(args.windows):
-            s = [int(rng.integers(0, n - w + 1)) for n, w in zip(img.shape, window)]
-            tok = torch.from_numpy(patchify_np(img[tuple(slice(a, a + w) for a, w in zip(s, window))], p))[None]
+            s = [int(rng.integers(0, n - w + 1)) for n, w in zip(img.shape[1:], window)]
+            crop = img[(slice(None), *(slice(a, a + w) for a, w in zip(s, window)))]
+            tok = patchify(torch.from_numpy(np.ascontiguousarray(crop))[None], p)  # (1, L, C*p^3)
             with torch.no_grad():
                 pred = model(tok, pos, torch.zeros(1, dtype=torch.long))
             centre = coords * p + p // 2 + np.array(s)
             labels = lab[tuple(centre.T)]
-            goal = norm_pixel_target(tok) if norm else tok  # the training loss, token by token
+            goal = norm_pixel_target(tok, channels=img.shape[0]) if norm else tok  # the training loss, token by token
             per_token = (pred - goal).pow(2).mean(-1)[0].numpy()
             token_sd = tok[0].std(-1, unbiased=False).numpy()
             for t in range(1, len(coords)):  # token 0 is predicted from the start token alone

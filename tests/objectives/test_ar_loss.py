@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from voxseq.objectives import norm_pixel_loss, norm_pixel_target, prefix_loss_mask, sample_prefix_len
@@ -60,3 +61,18 @@ def test_empty_mask_gives_zero_not_nan():
     assert loss.item() == 0.0
     loss.backward()
     assert pred.grad is not None
+
+
+def test_each_channel_of_a_token_is_normalised_on_its_own():
+    torch.manual_seed(0)
+    a, b = torch.randn(1, 3, 8), torch.randn(1, 3, 8)
+    two = torch.cat([a, 100 * b + 50], dim=-1)  # channel 1 on another scale, as another HU window
+    target = norm_pixel_target(two, channels=2)
+    assert torch.allclose(target[..., :8], norm_pixel_target(a), atol=1e-5)
+    assert torch.allclose(target[..., 8:], norm_pixel_target(b), atol=1e-5)
+    assert not torch.allclose(norm_pixel_target(two), target, atol=1e-2)  # one norm over both would mix their ranges
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    expected = (norm_pixel_loss(torch.zeros(1, 3, 8), a, mask) + norm_pixel_loss(torch.zeros(1, 3, 8), b, mask)) / 2
+    assert torch.isclose(norm_pixel_loss(torch.zeros(1, 3, 16), two, mask, channels=2), expected)
+    with pytest.raises(ValueError, match="channels"):
+        norm_pixel_target(torch.zeros(1, 2, 9), channels=2)

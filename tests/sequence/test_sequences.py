@@ -138,6 +138,46 @@ def test_semantic_one_category_from_different_volumes():
         assert item["kind"] == 2
 
 
+def test_tokens_carry_every_channel_of_their_place():
+    base = coord_volume()[0]
+    vol = np.stack([base, base + 1_000_000])  # two windows of one CT: same place, another value
+    cfg = small_cfg(kind_weights={"spatial": 1.0})
+    one = SequenceDataset(ArraySource([vol[:1]]), cfg)[3]
+    two = SequenceDataset(ArraySource([vol]), cfg, channels=2)[3]
+    assert two["tokens"].shape == (16, 2 * 64)
+    assert torch.equal(two["tokens"][:, :64], one["tokens"])  # channel 0 first, as patchify orders (C, pz, py, px)
+    assert torch.equal(two["tokens"][:, 64:] - two["tokens"][:, :64], torch.full((16, 64), 1_000_000.0))
+    assert torch.equal(two["pos"], one["pos"]) and torch.equal(two["valid"], one["valid"])
+    # a whole sub-volume of tokens is patchify of its two-channel slab
+    z, y, x = decode(two["tokens"][0])
+    slab = torch.from_numpy(vol[None, :, z:z + 4, y:y + 8, x:x + 8])
+    assert torch.equal(patchify(slab, 4)[0], two["tokens"][:4])
+
+
+def test_semantic_sequences_with_several_channels():
+    vols, entries = [], []
+    for i in range(3):
+        v = np.zeros((2, 16, 16, 16), np.float32)
+        v[:, 6:10, 6:10, 6:10] = 1 + i
+        v[1] += 50  # the second window
+        vols.append(v)
+        entries.append({"id": str(i), "boxes": [{"category": "liver", "bbox_zyx": [6, 6, 6, 10, 10, 10]}]})
+    cfg = small_cfg(kind_weights={"semantic": 1.0}, n_semantic=3, subvolume_zyx=[4, 4, 4])
+    item = SequenceDataset(ArraySource(vols, entries), cfg, channels=2)[0]
+    t = item["tokens"].reshape(3, 2, 4, 4, 4)  # 3 lesions, one token each, (C, p, p, p)
+    assert sorted(t[:, 0, 2, 2, 2].tolist()) == [1.0, 2.0, 3.0]  # three studies, channel 0
+    assert torch.equal(t[:, 1], t[:, 0] + 50)  # each crop's own second channel
+
+
+def test_channel_count_errors():
+    base = coord_volume()
+    with pytest.raises(VoxseqError, match="fewer"):
+        SequenceDataset(ArraySource([base]), small_cfg(), channels=2)
+    vol = np.concatenate([base] * 4)
+    with pytest.raises(VoxseqError, match="kind_weights.contrast"):
+        SequenceDataset(ArraySource([vol]), small_cfg(kind_weights={"contrast": 1.0}), channels=2)
+
+
 def test_impossible_kinds_are_clear_errors():
     src = ArraySource([coord_volume()])
     with pytest.raises(VoxseqError, match="channels"):

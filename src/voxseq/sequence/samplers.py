@@ -8,6 +8,11 @@ A sequence is N sub-volumes, each cut into k patches of p^3 voxels, so L = N * k
   t2w, t2f);
 * semantic - lesion-centred crops of N lesions of one category from different studies.
 
+Tokens hold ``channels`` channels each (``ViTConfig.in_chans``; default 1): a CT prepared with several
+``hu_windows`` gives spatial and semantic sequences whose tokens carry every window of their place, in
+patchify's (C, pz, py, px) order. Contrast sequences are made *of* channels (one per sub-volume) and so
+need single-channel tokens.
+
 Token order (``token_order``): ``"subvolume"`` puts sub-volume after sub-volume (as the paper's text
 describes: the model reads a whole slab, then predicts the next one); ``"interleave"`` puts the N
 tokens of the same patch position next to each other (as the official code does: each next token is
@@ -165,17 +170,27 @@ def _token_valid(valid: list[tuple[int, int]], offset_zyx, grid, p: int) -> np.n
 class SequenceDataset(torch.utils.data.Dataset):
     """Map-style dataset of token sequences; ``dataset[i]`` depends only on (cfg.seed, i).
 
-    Each item: ``tokens`` float32 (L, p^3), ``pos`` float32 (L, 4) = (sub-volume, z, y, x) in patch
+    Each item: ``tokens`` float32 (L, C*p^3) with C = ``channels``, ``pos`` float32 (L, 4) = (sub-volume, z, y, x) in patch
     units relative to the crop origin (slab offsets included: 8 voxels = 0.5 with p = 16; with
     ``pos_origin="volume"`` relative to the volume's first voxel, as ``ViTConfig.pos_origin``), ``valid``
     bool (L,) (False for tokens made only of padding), ``kind`` int (index into ``SEQUENCE_KINDS``),
     ``volume_index`` int (first volume of the sequence).
     """
 
-    def __init__(self, source: VolumeSource, cfg: SequenceConfig, length: int = 10**9, pos_origin: str = "crop"):
+    def __init__(self, source: VolumeSource, cfg: SequenceConfig, length: int = 10**9, pos_origin: str = "crop",
+                 channels: int = 1):
         if pos_origin not in POS_ORIGINS:
             raise VoxseqError(f"pos_origin must be one of {POS_ORIGINS}, not {pos_origin!r}")
+        if channels < 1:
+            raise VoxseqError(f"channels must be at least 1, not {channels}")
         self.source, self.cfg, self.length, self.pos_origin = source, cfg, length, pos_origin
+        self.channels = channels
+        if channels > 1:
+            few = [self.source.entry(i).get("id", str(i)) for i in range(len(source))
+                   if source.image(i).shape[0] < channels]
+            if few:
+                raise VoxseqError(f"tokens of {channels} channels (model.in_chans), but {len(few)} volume(s) have fewer, "
+                                  f"e.g. {few[0]!r}: prepare every volume with {channels} channels (preprocess.hu_windows)")
         self.grid = cfg.grid
         self.coords = patch_grid_coords(self.grid).astype(np.float32)  # (k, 3)
         self._monai = None
@@ -275,18 +290,19 @@ class SequenceDataset(torch.utils.data.Dataset):
             src.mul_(float(rng.uniform(1 - aug.scale_range, 1 + aug.scale_range)))
             src.add_(float(rng.uniform(-aug.shift_range, aug.shift_range)))
         sd, sh, sw = cfg.subvolume_zyx
+        ch = self.channels
         subs = []
         for i, off in enumerate(offsets):
-            c = i if kind != "spatial" else 0
-            subs.append(src[c, off[0]:off[0] + sd, off[1]:off[1] + sh, off[2]:off[2] + sw])
+            c = i * ch if kind != "spatial" else 0  # spatial slabs share the window's channels; others own theirs
+            subs.append(src[c:c + ch, off[0]:off[0] + sd, off[1]:off[1] + sh, off[2]:off[2] + sw])
         if cfg.augment.monai:
-            stacked = self._apply_monai(torch.stack(subs).float(), rng)
-            subs = list(stacked)
-        tokens = torch.empty(n, grid[0], grid[1], grid[2], p, p, p)
+            stacked = self._apply_monai(torch.cat(subs).float(), rng)  # (n*C, Z, Y, X): channels to MONAI
+            subs = list(stacked.reshape(n, ch, *stacked.shape[1:]))
+        tokens = torch.empty(n, grid[0], grid[1], grid[2], ch, p, p, p)
         for i, s in enumerate(subs):
-            view = s.reshape(grid[0], p, grid[1], p, grid[2], p).permute(0, 2, 4, 1, 3, 5)
+            view = s.reshape(ch, grid[0], p, grid[1], p, grid[2], p).permute(1, 3, 5, 0, 2, 4, 6)
             tokens[i].copy_(view)  # patchify: the one strided copy (copy_ has torch's fastest path for it)
-        tokens = tokens.reshape(n, k, p**3)
+        tokens = tokens.reshape(n, k, ch * p**3)
         pos = np.empty((n, k, 4), np.float32)
         valid = np.empty((n, k), bool)
         volume_origin = self.pos_origin == "volume" and origins is not None
@@ -298,7 +314,7 @@ class SequenceDataset(torch.utils.data.Dataset):
         if cfg.token_order == "interleave":  # (n, k) -> (k, n): same place, sub-volume after sub-volume
             tokens, pos, valid = tokens.transpose(0, 1), pos.transpose(1, 0, 2), valid.T
         return {
-            "tokens": tokens.reshape(n * k, p**3).contiguous(),
+            "tokens": tokens.reshape(n * k, ch * p**3).contiguous(),
             "pos": torch.from_numpy(np.ascontiguousarray(pos.reshape(n * k, 4))),
             "valid": torch.from_numpy(np.ascontiguousarray(valid.reshape(n * k))),
             "kind": list(SEQUENCE_KINDS).index(kind),
@@ -311,7 +327,8 @@ class SequenceDataset(torch.utils.data.Dataset):
 
 @dataclass(frozen=True)
 class SequenceKind:
-    # (dataset, rng) -> (window (C', Z, Y, X), offsets per sub-volume in the window, valid masks, first volume[,
+    # (dataset, rng) -> (window (C', Z, Y, X): the C token channels for spatial kinds, sub-volume i's C channels at
+    # [i*C, (i+1)*C) for the others; offsets per sub-volume in the window, valid masks, first volume[,
     # where each sub-volume's window starts in its volume (voxels; for pos_origin="volume", else zeros are assumed)])
     draw: Callable[..., tuple]
     count: Callable[[SequenceConfig], int]  # sub-volumes per sequence
@@ -330,6 +347,9 @@ def register_sequence_kind(name: str, count: Callable[[SequenceConfig], int], pr
 
 
 def _need_contrast(ds: SequenceDataset) -> None:
+    if ds.channels > 1:
+        raise VoxseqError(f"contrast sequences make one sub-volume of each channel, so their tokens have one channel; "
+                          f"with {ds.channels}-channel tokens (model.in_chans) set sequence.kind_weights.contrast to 0")
     if not ds._contrast_volumes():
         raise VoxseqError(f"sequence.kind_weights asks for contrast sequences, but no volume has "
                           f">= {ds.cfg.n_contrast} channels")
@@ -351,7 +371,7 @@ def spatial_sequence(ds: SequenceDataset, rng: np.random.Generator):
     size = list(cfg.subvolume_zyx)
     size[cfg.axis] = (cfg.n_subvolumes - 1) * cfg.stride + cfg.subvolume_zyx[cfg.axis]  # the slabs' union
     start = ds._random_start(rng, vol.shape[1:], cfg.crop_zyx)
-    window, valid = read_window(vol[:1], start, size, cfg.pad_value)
+    window, valid = read_window(vol[:ds.channels], start, size, cfg.pad_value)
     offsets = []
     for n in range(cfg.n_subvolumes):
         off = [0, 0, 0]
@@ -391,11 +411,11 @@ def semantic_sequence(ds: SequenceDataset, rng: np.random.Generator):
         z0, y0, x0, z1, y1, x1 = boxes[int(rng.integers(len(boxes)))]
         centre = [(z0 + z1) // 2, (y0 + y1) // 2, (x0 + x1) // 2]
         start = [c - k // 2 for c, k in zip(centre, cfg.subvolume_zyx)]
-        w, valid = read_window(ds.source.image(vi)[:1], start, cfg.subvolume_zyx, cfg.pad_value)
-        crops.append(w[0])
+        w, valid = read_window(ds.source.image(vi)[:ds.channels], start, cfg.subvolume_zyx, cfg.pad_value)
+        crops.append(w)
         valids.append(valid)
         starts.append(start)
-    return np.stack(crops), [[0, 0, 0]] * cfg.n_semantic, valids, picks[0], starts
+    return np.concatenate(crops), [[0, 0, 0]] * cfg.n_semantic, valids, picks[0], starts  # (N*C, Z, Y, X)
 
 
 KINDS = tuple(SEQUENCE_KINDS)  # the built-in kinds; an item's ``kind`` is its index in SEQUENCE_KINDS
@@ -426,7 +446,7 @@ class ResumableSampler(torch.utils.data.Sampler):
 
 
 def collate_sequences(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Stack items of equal length into a batch: tokens (B, L, p^3), pos (B, L, 4), valid (B, L)."""
+    """Stack items of equal length into a batch: tokens (B, L, C*p^3), pos (B, L, 4), valid (B, L)."""
     lengths = {it["tokens"].shape[0] for it in items}
     if len(lengths) > 1:
         raise VoxseqError(f"a batch mixes sequence lengths {sorted(lengths)}: give every kind the same number of "

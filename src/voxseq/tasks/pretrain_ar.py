@@ -61,8 +61,6 @@ class ARPretrainConfig:
     def __post_init__(self) -> None:
         if self.sequence.patch_size != self.model.patch_size:
             raise VoxseqError(f"sequence.patch_size {self.sequence.patch_size} != model.patch_size {self.model.patch_size}")
-        if self.model.in_chans != 1:
-            raise VoxseqError("AR pretraining cuts single-channel sub-volumes: model.in_chans must be 1")
         require_at_least(self, 1, "batch_size", "grad_accum", "max_steps", "checkpoint_every", "log_every")
         require_at_least(self, 0, "max_nonfinite_steps")
 
@@ -91,7 +89,8 @@ class ARPretrainTask(TrainTask):
     def setup(self, ctx: RunContext) -> None:
         cfg, self.ctx = self.cfg, ctx
         self.source = training_cache(cfg.data, ctx.run_dir, cfg.data.split, main=ctx.main, progress=ctx.progress)
-        self.dataset = SequenceDataset(self.source, cfg.sequence, pos_origin=cfg.model.pos_origin)
+        self.dataset = SequenceDataset(self.source, cfg.sequence, pos_origin=cfg.model.pos_origin,
+                                       channels=cfg.model.in_chans)
         self.flops_tok = flops_per_token(cfg.model, cfg.sequence.seq_len(self.dataset.kinds[0]) + 1)
 
     def build_model(self, ctx: RunContext) -> ARViT3D:
@@ -135,7 +134,8 @@ class ARPretrainTask(TrainTask):
     def loss(self, net, batch, step: int, micro: int):
         x = batch["x"]
         pred = net(x, batch["pos"], batch["prefix"])
-        return norm_pixel_loss(pred, x, batch["mask"], normalize=self.cfg.norm_pix), {"tokens": x.shape[0] * x.shape[1]}
+        loss = norm_pixel_loss(pred, x, batch["mask"], normalize=self.cfg.norm_pix, channels=self.cfg.model.in_chans)
+        return loss, {"tokens": x.shape[0] * x.shape[1]}
 
     def row(self, info: StepInfo) -> dict[str, Any]:
         tok_s = info.per_second("tokens")
@@ -172,14 +172,17 @@ def make_ar_plots(run_dir: Path, model: ARViT3D, dataset: SequenceDataset, devic
 
 @torch.no_grad()
 def predict_sequence(model: ARViT3D, item: dict[str, Any], prefix: int, device) -> torch.Tensor:
-    """Predicted tokens in pixel units: the normalised prediction mapped back with each target's mean/std."""
+    """Predicted tokens in pixel units: the normalised prediction mapped back with each target's mean/std
+    (per channel, as the target was normalised)."""
     model.eval()
     x = item["tokens"][None].to(device)
     pred = model(x, item["pos"][None].to(device), torch.tensor([prefix], device=device)).float()
-    mean = x.mean(-1, keepdim=True)
-    std = (x.var(-1, keepdim=True, unbiased=False) + 1e-6).sqrt()
+    c = model.encoder.cfg.in_chans
+    xc = x.reshape(*x.shape[:-1], c, -1)
+    mean = xc.mean(-1, keepdim=True)
+    std = (xc.var(-1, keepdim=True, unbiased=False) + 1e-6).sqrt()
     model.train()
-    return (pred * std + mean)[0].cpu()
+    return (pred.reshape(xc.shape) * std + mean).reshape(x.shape)[0].cpu()
 
 
 def plot_reconstruction(model: ARViT3D, dataset: SequenceDataset, path: Path, device, index: int = 0) -> Path:
@@ -194,9 +197,9 @@ def plot_reconstruction(model: ARViT3D, dataset: SequenceDataset, path: Path, de
     k = cfg.tokens_per_subvolume
     n = item["tokens"].shape[0] // k
     pred = predict_sequence(model, item, prefix=k, device=device)
-    p, grid = cfg.patch_size, cfg.grid
-    inp = unpatchify(item["tokens"].reshape(n, k, -1), p, grid)[:, 0]  # (n, D, H, W)
-    rec = unpatchify(pred.reshape(n, k, -1), p, grid)[:, 0]
+    p, grid, c = cfg.patch_size, cfg.grid, dataset.channels
+    inp = unpatchify(item["tokens"].reshape(n, k, -1), p, grid, c)[:, 0]  # (n, D, H, W): the first channel
+    rec = unpatchify(pred.reshape(n, k, -1), p, grid, c)[:, 0]
     fig, axes = plt.subplots(2, n, figsize=(2.6 * n, 5.4), dpi=110, squeeze=False)
     mid = inp.shape[1] // 2
     lo, hi = float(inp.min()), float(inp.max())
@@ -210,7 +213,8 @@ def plot_reconstruction(model: ARViT3D, dataset: SequenceDataset, path: Path, de
             axes[1, i].set_title(f"predicted {i}", fontsize=9)
         for a in axes[:, i]:
             a.axis("off")
-    fig.suptitle(f"{['spatial', 'contrast', 'semantic'][item['kind']]} sequence: inputs and next-token predictions")
+    fig.suptitle(f"{['spatial', 'contrast', 'semantic'][item['kind']]} sequence: inputs and next-token predictions"
+                 + (f" (channel 1 of {c})" if c > 1 else ""))
     fig.tight_layout()
     return save_figure(fig, path)
 

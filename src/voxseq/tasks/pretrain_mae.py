@@ -76,7 +76,8 @@ class MAEPretrainTask(ARPretrainTask):
     def loss(self, net, batch, step: int, micro: int):
         x = batch["x"]
         pred = net(x, batch["pos"], batch["keep"])
-        return norm_pixel_loss(pred, x, batch["mask"], normalize=self.cfg.norm_pix), {"tokens": x.shape[0] * x.shape[1]}
+        loss = norm_pixel_loss(pred, x, batch["mask"], normalize=self.cfg.norm_pix, channels=self.cfg.model.in_chans)
+        return loss, {"tokens": x.shape[0] * x.shape[1]}
 
     def on_end(self, summary: dict[str, Any]) -> dict[str, Any]:
         if self.ctx.main:
