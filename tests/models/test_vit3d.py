@@ -72,11 +72,11 @@ def test_forward_intermediates_and_any_size():
         enc.forward_intermediates(x, [3])
 
 
-@pytest.mark.parametrize("use_end", [False, True])
-def test_ar_predictions_never_see_their_target(use_end):
+@pytest.mark.parametrize("use_end,head_depth", [(False, 0), (True, 0), (False, 2)])
+def test_ar_predictions_never_see_their_target(use_end, head_depth):
     """Changing token j changes no prediction of a token i <= j after the prefix."""
     torch.manual_seed(0)
-    model = ARViT3D(ViTConfig(**TINY, use_end_token=use_end)).eval()
+    model = ARViT3D(ViTConfig(**TINY, use_end_token=use_end, head_depth=head_depth)).eval()
     L = 8
     tokens = torch.randn(1, L, 64)
     pos = torch.rand(1, L, 4) * 3
@@ -122,6 +122,18 @@ def test_encoder_keys_load_into_bare_vit():
     missing, unexpected = fresh.load_state_dict(enc_state)
     assert not missing and not unexpected
     assert "start_token" in model.no_weight_decay()
+
+
+def test_prediction_head_blocks_are_outside_the_encoder():
+    torch.manual_seed(0)
+    plain, deep = ARViT3D(ViTConfig(**TINY)), ARViT3D(ViTConfig(**TINY, head_depth=2))
+    keys = lambda m: {k for k in m.state_dict() if k.startswith("encoder.")}  # noqa: E731
+    assert keys(plain) == keys(deep)  # downstream loads the same encoder
+    extra = set(deep.state_dict()) - set(plain.state_dict())
+    assert extra and all(k.startswith("head_blocks.") for k in extra)
+    assert deep(torch.randn(2, 5, 64), torch.rand(2, 5, 4), torch.tensor([0, 2])).shape == (2, 5, 64)
+    with pytest.raises(VoxseqError, match="head_depth"):
+        ViTConfig(**TINY, head_depth=-1)
 
 
 # ---------------------------------------------------------------------------- 3D rotary positions

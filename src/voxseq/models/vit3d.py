@@ -49,6 +49,9 @@ class ViTConfig:
     rope_split: list[float] = field(default_factory=lambda: [2.0, 3.0, 3.0])  # head-dim shares of (z, y, x)
     attn_backend: str = "sdpa"  # "sdpa" everywhere; "flex" (CUDA only) skips fully masked blocks
     use_end_token: bool = False  # AR model: append a learned end token after the last token
+    # AR model: residual MLP blocks between the encoder and the pixel head (AIM's prediction head), dropped after
+    # pretraining; 0 = the linear pixel head of the paper and the official code
+    head_depth: int = 0
     start_token: bool = False  # prepend a learned token (position 0) to images, drop its output (official AR-SSL4M)
     # where positions count from: "crop" - the corner of whatever the encoder is given (the paper: crops in
     # pretraining, ROI crops in fine-tuning); "volume" - the scan's first voxel, so that a token has one position
@@ -74,6 +77,8 @@ class ViTConfig:
             raise VoxseqError(f"model.pos_origin must be one of {POS_ORIGINS}, not {self.pos_origin!r}")
         if self.attn_backend not in ("sdpa", "flex"):
             raise VoxseqError(f"model.attn_backend must be 'sdpa' or 'flex', not {self.attn_backend!r}")
+        if self.head_depth < 0:
+            raise VoxseqError(f"model.head_depth must be >= 0, not {self.head_depth}")
 
     @property
     def token_dim(self) -> int:
@@ -502,6 +507,11 @@ class ARViT3D(nn.Module):
     prediction of ``t_j``. With prefix length P, the start token and ``t_0..t_{P-1}`` attend to each
     other in both directions and later tokens causally, so predictions of ``t_j`` for j >= P never see
     ``t_j``; those for j < P do, and the loss excludes them. ``forward`` returns (B, L, C*p^3).
+
+    With ``cfg.head_depth`` > 0, that many residual MLP blocks (pre-LN, each token on its own) sit between
+    the encoder's final norm and the linear pixel head, as in AIM (El-Nouby et al. 2024, whose attention
+    scheme AR-SSL4M extends): the head takes over the last steps of pixel prediction, so the encoder's
+    own blocks need not specialise in it. The head is dropped with the rest of the AR model downstream.
     """
 
     def __init__(self, cfg: ViTConfig):
@@ -515,6 +525,11 @@ class ARViT3D(nn.Module):
         self.encoder = ViT3D(cfg)
         self.start_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
         self.end_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim)) if cfg.use_end_token else None
+        hidden = int(cfg.embed_dim * cfg.mlp_ratio)
+        self.head_blocks = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps), nn.Linear(cfg.embed_dim, hidden), nn.GELU(),
+                          nn.Linear(hidden, cfg.embed_dim)) for _ in range(cfg.head_depth))
+        self.head_blocks.apply(_init_weights)
         self.head = nn.Linear(cfg.embed_dim, cfg.token_dim)
         nn.init.normal_(self.start_token, std=0.02)
         if self.end_token is not None:
@@ -540,6 +555,8 @@ class ARViT3D(nn.Module):
             mask, causal = prefix_causal_mask(x.shape[1], prefix_len + 1, x.device), False
         x, _ = self.encoder.run_blocks(x, mask, causal, prefix_len + 1)
         x = self.encoder.norm(x[:, :length])  # outputs at start, t_0 .. t_{L-2}
+        for block in self.head_blocks:
+            x = x + block(x)
         return self.head(x)  # (B, L, C*p^3): prediction of t_0 .. t_{L-1}
 
 
@@ -560,7 +577,7 @@ def flops_per_token(cfg: ViTConfig, seq_len: int, training: bool = True) -> floa
     """
     e, h = cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio)
     per_layer = 2 * (3 * e * e + e * e + 2 * e * h) + 2 * 2 * seq_len * e  # qkv, proj, mlp; QK^T and AV
-    total = cfg.depth * per_layer + 2 * 2 * e * cfg.token_dim  # patch embedding + head
+    total = cfg.depth * per_layer + 2 * 2 * e * cfg.token_dim + cfg.head_depth * 2 * 2 * e * h  # + embedding, head
     return total * (3 if training else 1)
 
 
