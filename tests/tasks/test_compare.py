@@ -80,6 +80,10 @@ def test_compare_runs_every_arm_pairs_by_seed_and_probes(tmp_path, runs):
     per_label = example("ar_loss_by_label").main(["--run", str(ar), "--cache", str(out / "cache"), "--splits", "val"])
     assert "0" in per_label and len(per_label) >= 2
     assert all(v["tokens"] > 0 and 0 < v["loss"] < 10 and v["token_sd"] >= 0 for v in per_label.values())
+    # slabs of 8 slices at stride 8 do not overlap: every row a later slab predicts is new
+    overlap = example("ar_overlap_loss").main(["--run", str(ar), "--sequences", "2"])
+    assert sorted(overlap) == ["slab 1", "slab 2", "slab 3"]
+    assert all(set(v) == {"new", "new_voxels"} and 0 < v["new"] < 10 for v in overlap.values())
 
 
 def example(name: str):

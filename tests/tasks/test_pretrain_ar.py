@@ -183,3 +183,12 @@ def test_two_hu_windows_as_channels_pretrain_and_embed(tmp_path, samples):
                  str(samples / "lung1_image.nrrd")]) == 0
     feats = np.load(tmp_path / "e.npz")
     assert feats["features"].shape[1] == 32 and np.isfinite(feats["features"]).all()
+    # 16-slice slabs at stride 8: half the rows of every later slab's tokens were in the slab before
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ar_overlap_loss", ROOT / "examples" / "ar_overlap_loss.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    overlap = module.main(["--run", str(out), "--sequences", "2"])
+    assert sorted(overlap) == ["slab 1", "slab 2", "slab 3"]
+    assert all(v["seen_voxels"] == v["new_voxels"] > 0 and 0 < v["seen"] < 10 for v in overlap.values())
