@@ -25,8 +25,7 @@ import torch
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from voxseq.models.hub import encoder_config, load_checkpoint
-    from voxseq.models.vit3d import ARViT3D
+    from voxseq.models.hub import load_model
     from voxseq.objectives.ar import norm_pixel_target
     from voxseq.sequence.patches import patch_grid_coords, patchify
     from voxseq.tasks.data import open_cache
@@ -38,12 +37,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--splits", default="val,test", help="the cache splits to read")
     args = ap.parse_args(argv)
 
-    ck = load_checkpoint(args.run)
-    model = ARViT3D(encoder_config(ck.meta))
-    model.load_state_dict(ck.state_dict)
-    model.eval()
-    seq = ck.meta.get("config", {}).get("sequence", {})
-    norm = ck.meta.get("config", {}).get("norm_pix", True)
+    model, _, meta = load_model(args.run, expect="ARViT3D", hint="give an AR pretraining run")
+    seq = meta.get("config", {}).get("sequence", {})
+    norm = meta.get("config", {}).get("norm_pix", True)
     p = model.encoder.cfg.patch_size
     window = tuple(seq.get("subvolume_zyx") or (4 * p, 4 * p, 4 * p))
     coords = patch_grid_coords(tuple(w // p for w in window))

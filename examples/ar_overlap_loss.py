@@ -26,8 +26,7 @@ import torch
 
 def main(argv: list[str] | None = None) -> dict:
     from voxseq.config import from_dict
-    from voxseq.models.hub import encoder_config, load_checkpoint
-    from voxseq.models.vit3d import ARViT3D
+    from voxseq.models.hub import load_model
     from voxseq.objectives.ar import norm_pixel_target
     from voxseq.sequence import AugmentConfig, SequenceConfig, SequenceDataset
     from voxseq.tasks.data import open_cache
@@ -38,11 +37,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--sequences", type=int, default=48, help="sequences scored")
     args = ap.parse_args(argv)
 
-    ck = load_checkpoint(args.run)
-    model = ARViT3D(encoder_config(ck.meta))
-    model.load_state_dict(ck.state_dict)
-    model.eval()
-    seq = from_dict(SequenceConfig, {**ck.meta["config"]["sequence"], "kind_weights": {"spatial": 1.0}})
+    model, _, meta = load_model(args.run, expect="ARViT3D", hint="give an AR pretraining run")
+    seq = from_dict(SequenceConfig, {**meta["config"]["sequence"], "kind_weights": {"spatial": 1.0}})
     seq.augment = AugmentConfig(intensity_prob=0.0)
     c = model.encoder.cfg.in_chans
     ds = SequenceDataset(open_cache(args.cache or args.run / "cache", None, None), seq,

@@ -186,8 +186,7 @@ class SequenceDataset(torch.utils.data.Dataset):
         self.source, self.cfg, self.length, self.pos_origin = source, cfg, length, pos_origin
         self.channels = channels
         if channels > 1:
-            few = [self.source.entry(i).get("id", str(i)) for i in range(len(source))
-                   if source.image(i).shape[0] < channels]
+            few = [source.entry(i).get("id", str(i)) for i in range(len(source)) if self._channels(i) < channels]
             if few:
                 raise VoxseqError(f"tokens of {channels} channels (model.in_chans), but {len(few)} volume(s) have fewer, "
                                   f"e.g. {few[0]!r}: prepare every volume with {channels} channels (preprocess.hu_windows)")
@@ -215,9 +214,13 @@ class SequenceDataset(torch.utils.data.Dataset):
         w = np.array(weights, float)
         return kinds, w / w.sum()
 
+    def _channels(self, i: int) -> int:
+        """Volume ``i``'s channel count: its cache entry's, or its image's when the entry has none."""
+        n = self.source.entry(i).get("channels")
+        return int(n) if n is not None else int(self.source.image(i).shape[0])
+
     def _contrast_volumes(self) -> list[int]:
-        return [i for i in range(len(self.source))
-                if self.source.entry(i).get("channels", self.source.image(i).shape[0]) >= self.cfg.n_contrast]
+        return [i for i in range(len(self.source)) if self._channels(i) >= self.cfg.n_contrast]
 
     def _lesion_index(self) -> dict[str, list[tuple[int, list[int]]]]:
         """category -> [(volume, bbox_zyx)], keeping categories seen in at least two volumes."""

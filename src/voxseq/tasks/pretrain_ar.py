@@ -125,7 +125,7 @@ class ARPretrainTask(TrainTask):
     def batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
         batch = next(self.batches)
         device = self.ctx.device
-        x = batch["tokens"].to(device, non_blocking=True)  # (B, L, p^3)
+        x = batch["tokens"].to(device, non_blocking=True)  # (B, L, C*p^3)
         b, length, _ = x.shape
         prefix = prefix_for_step(self.cfg, step, micro, self.ctx.rank, b, length).to(device)
         return {"x": x, "pos": batch["pos"].to(device, non_blocking=True), "prefix": prefix,

@@ -68,7 +68,7 @@ class MAEPretrainTask(ARPretrainTask):
     def batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
         batch = next(self.batches)
         device = self.ctx.device
-        x = batch["tokens"].to(device, non_blocking=True)  # (B, L, p^3)
+        x = batch["tokens"].to(device, non_blocking=True)  # (B, L, C*p^3)
         keep, mask = mask_for_step(self.cfg, step, micro, self.ctx.rank, x.shape[0], x.shape[1], device)
         return {"x": x, "pos": batch["pos"].to(device, non_blocking=True), "keep": keep,
                 "mask": mask & batch["valid"].to(device)}
