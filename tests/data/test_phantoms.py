@@ -219,3 +219,43 @@ def test_ct_rate_rates_and_basic_phantoms_unchanged():
     # chest scans: rare findings rare, common ones common, as in CT-RATE
     assert seen["lung nodule"] > seen["pleural effusion"] and seen["lung nodule"] >= 15
     assert seen["pericardial effusion"] <= 12 and seen["arterial wall calcification"] >= 6
+
+
+def test_ct_rate_lung_findings_have_region_boxes_around_what_was_painted():
+    from voxseq.data.phantoms import CT_RATE_RATES, DIFFUSE_REGION_FINDINGS
+
+    none = {k: 0 for k in CT_RATE_RATES}
+    off = make_ct_phantom(1003, size_xy=64, max_slices=96, scan="chest_abdomen", findings="ct-rate",
+                          abnormalities=none)
+    assert off.lesions == []
+    for finding in DIFFUSE_REGION_FINDINGS:
+        on = make_ct_phantom(1003, size_xy=64, max_slices=96, scan="chest_abdomen", findings="ct-rate",
+                             abnormalities={**none, finding: 1})
+        assert on.abnormalities[finding] == 1, finding
+        [box] = on.lesions
+        assert (box.category, box.organ) == (finding, "lung")
+        x0, y0, z0, x1, y1, z1 = box.bbox_xyz
+        changed = np.abs(on.image.array.astype(float) - off.image.array) > 60  # (Z, Y, X)
+        inside, near = np.zeros_like(changed), np.zeros_like(changed)
+        inside[z0:z1, y0:y1, x0:x1] = True
+        near[max(z0 - 2, 0):z1 + 2, max(y0 - 2, 0):y1 + 2, max(x0 - 2, 0):x1 + 2] = True  # the smoothing's reach
+        assert changed.sum() > 20 and changed[near].sum() > 0.95 * changed.sum(), finding
+        assert changed[inside].sum() > 0.02 * inside.sum(), finding  # the box is about the finding, not the lungs
+    # basic findings keep their boxes for focal lesions only (the effusion has none), as before
+    basic = make_ct_phantom(1003, size_xy=64, max_slices=96, scan="chest_abdomen",
+                            abnormalities={"pleural effusion": 1})
+    assert basic.abnormalities["pleural effusion"] == 1
+    assert all(b.organ is None for b in basic.lesions)
+
+
+def test_box_organ_round_trips_through_the_manifest_and_is_left_out_when_unset():
+    import json
+
+    from voxseq.data.manifest import Box, Record
+
+    r = Record(id="a", images={"image": "a.nii.gz"},
+               boxes=[Box("liver", [0, 0, 0, 2, 2, 2]), Box("atelectasis", [1, 1, 1, 4, 4, 4], organ="lung")])
+    d = json.loads(r.to_json())
+    assert d["boxes"] == [{"category": "liver", "bbox_xyz": [0, 0, 0, 2, 2, 2]},
+                          {"category": "atelectasis", "bbox_xyz": [1, 1, 1, 4, 4, 4], "organ": "lung"}]
+    assert Record.from_dict(d).boxes == r.boxes

@@ -159,6 +159,17 @@ def test_lesion_in_window_needs_the_given_share_of_a_box():
     assert lesion_in_window(boxes, "liver", [0, 2, 0], [16, 16, 16])  # ... half of it is enough at 0.5
 
 
+def test_lesion_in_window_takes_a_findings_organ_and_a_finding_bigger_than_the_window():
+    # a basal effusion region of the lung, far bigger than the window: category names the finding, organ the sentence
+    boxes = [{"category": "pleural effusion", "organ": "lung", "bbox_zyx": [0, 8, 0, 40, 16, 16]}]
+    assert lesion_in_window(boxes, "liver", [0, 0, 0], [8, 8, 8])  # another organ: no box of its own
+    assert lesion_in_window(boxes, "lung", [0, 8, 0], [8, 8, 8])  # inside the region: it fills the window
+    assert lesion_in_window(boxes, "lung", [0, 4, 0], [8, 8, 8])  # half the window
+    assert not lesion_in_window(boxes, "lung", [0, 3, 0], [8, 8, 8])  # 3/8 of the window, 1/27 of the region
+    assert not lesion_in_window(boxes, "lung", [0, 0, 0], [8, 8, 8])  # the lung above it
+    assert lesion_in_window(boxes, "pleural effusion", [0, 0, 0], [8, 8, 8])  # boxes bind their organ, not category
+
+
 def test_an_organ_with_a_lesion_is_shown_only_by_chunks_holding_the_lesion():
     src = organ_source(1)
     src.entries[0]["sentences"]["liver"] = "The liver shows a 1.0 cm lesion."

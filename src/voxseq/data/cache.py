@@ -240,7 +240,8 @@ def prepare_one(record: Record, cfg: Preprocess, out_dir: Path, nonfinite: str =
         "classes": record.classes,
         "text": record.text,
         "sentences": record.sentences,
-        "boxes": [{"category": b.category, "bbox_zyx": box_to_grid(b, source_meta, image)} for b in record.boxes],
+        "boxes": [{"category": b.category, "bbox_zyx": box_to_grid(b, source_meta, image),
+                   **({"organ": b.organ} if b.organ else {})} for b in record.boxes],
         "has_label": label is not None,
         "extra": record.extra,
     }

@@ -22,10 +22,16 @@ SPLITS = ("train", "val", "test")
 
 @dataclass
 class Box:
-    """A lesion box in the image file's own voxel grid, inclusive-exclusive, (x, y, z) index order."""
+    """A lesion box in the image file's own voxel grid, inclusive-exclusive, (x, y, z) index order.
+
+    ``category`` names the kind of lesion (semantic sequences draw one category across patients);
+    ``organ``, when set, is the organ sentence the finding belongs to where that is not the category
+    itself (a "pleural effusion" region of the "lung"); None: the category is the organ's name.
+    """
 
     category: str
     bbox_xyz: list[int]  # [x0, y0, z0, x1, y1, z1]
+    organ: str | None = None
 
     def center_xyz(self) -> list[float]:
         b = self.bbox_xyz
@@ -57,7 +63,9 @@ class Record:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=False)
+        d = asdict(self)
+        d["boxes"] = [{k: v for k, v in b.items() if k != "organ" or v is not None} for b in d["boxes"]]
+        return json.dumps(d, sort_keys=False)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Record":

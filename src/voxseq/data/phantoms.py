@@ -277,19 +277,27 @@ def make_ct_phantom(seed: int, size_xy: int = 128, max_slices: int = 160, scan: 
         lesion("kidney cyst", kid, "kidney", rng.uniform(6, 14), 5.0)
     if found["bone lesion"]:
         lesion("bone lesion", (label == ORGANS["bone"]) & vert, "bone", rng.uniform(5, 9), 90.0)  # vertebral body
+    regions: dict[str, np.ndarray] = {}  # diffuse finding -> where it was painted (ct-rate findings)
     if found["pleural effusion"]:
         eff = (label == ORGANS["lung_right"]) & (yy > 35) & (zz < lz - 40)  # dependent, posterior base
         if eff.sum() > 20:
             hu[eff] = 15.0
+            regions["pleural effusion"] = eff
         else:
             found["pleural effusion"] = 0
     if findings == "ct-rate":
-        _ct_rate_findings(extra_rng, found, hu, label, (zz, yy, xx), (sxy, sxy, sz), lz, heart_r, aorta, sizes)
+        regions.update(_ct_rate_findings(extra_rng, found, hu, label, (zz, yy, xx), (sxy, sxy, sz), lz, heart_r,
+                                         aorta, sizes))
 
     present = {name: any((label == v).any() for v in ids) for name, ids in SENTENCE_ORGANS.items()}
     for finding, organ in FINDING_ORGANS.items():
         if finding in found and not present[organ]:
             found[finding] = 0
+    if findings == "ct-rate":  # the region report: where in the lung each diffuse finding is
+        for finding in DIFFUSE_REGION_FINDINGS:
+            box = _box_of(regions[finding]) if found.get(finding) and finding in regions else None
+            if box is not None:
+                lesions.append(Box(finding, box, organ=FINDING_ORGANS[finding]))
     sentences = _ct_sentences(present, found, sizes)
 
     hu = _smooth(hu, 0.6) + rng.normal(0, 12, hu.shape).astype(np.float32)
@@ -354,19 +362,29 @@ FINDING_ORGANS = {"lung nodule": "lung", "pleural effusion": "lung", "emphysema"
                   "coronary artery wall calcification": "heart", "arterial wall calcification": "aorta"}
 
 
+# with findings "ct-rate", these lung findings get a box of the region they were painted in (category: the
+# finding, organ: "lung"), as a dataset with finding masks would give: a lung chunk then carries the lung
+# sentence only where it shows a finding the sentence names (voxseq.sequence.chunks.lesion_in_window),
+# instead of a random patch of lung paired with "there is basal atelectasis"
+DIFFUSE_REGION_FINDINGS = ("pleural effusion", "emphysema", "consolidation", "atelectasis")
+
+
 def _ct_rate_findings(rng, found: dict[str, int], hu: np.ndarray, label: np.ndarray, zyx_mm, spacing_xyz,
-                      lung_z: float, heart_r: np.ndarray, aorta: np.ndarray, sizes: dict[str, Any]) -> None:
+                      lung_z: float, heart_r: np.ndarray, aorta: np.ndarray, sizes: dict[str, Any]
+                      ) -> dict[str, np.ndarray]:
     """The diffuse and large CT-RATE findings, painted into ``hu`` (labels unchanged); a finding whose organ
-    is not in view is set absent. Emphysema: clustered low-attenuation areas (-980 HU) in the upper lungs;
+    is not in view is set absent. Returns the (Z, Y, X) mask each lung finding was painted in. Emphysema: clustered low-attenuation areas (-980 HU) in the upper lungs;
     consolidation: a 25-40 mm region of one lung at 35 HU with air bronchograms; atelectasis: a dense (40 HU)
     posterior basal band of one lung; pericardial effusion: a 10-20 mm fluid shell (10 HU) round the heart;
     arterial / coronary wall calcification: bright (600-800 HU) plaques on the aortic wall / heart surface."""
     zz, yy, xx = zyx_mm
+    painted: dict[str, np.ndarray] = {}
     lungs = (label == ORGANS["lung_right"]) | (label == ORGANS["lung_left"])
     if found["emphysema"]:
         holes = (_noise(rng, hu.shape, 3.0, spacing_xyz) > 0.9) & lungs & (zz > lung_z - 30)
         if holes.sum() > 50:
             hu[holes] = -980.0
+            painted["emphysema"] = holes
         else:
             found["emphysema"] = 0
     if found["consolidation"]:
@@ -381,6 +399,7 @@ def _ct_rate_findings(rng, found: dict[str, int], hu: np.ndarray, label: np.ndar
             bronchi = np.abs(np.sin(xx / 5.0) * np.sin(zz / 7.0)) > 0.95
             hu[region] = 35.0
             hu[region & bronchi] = -900.0
+            painted["consolidation"] = region
             sizes["consolidation side"] = "right" if side == "lung_right" else "left"
         else:
             found["consolidation"] = 0
@@ -389,6 +408,7 @@ def _ct_rate_findings(rng, found: dict[str, int], hu: np.ndarray, label: np.ndar
         band = (label == ORGANS[side]) & (yy > 25) & (zz < lung_z - 55)
         if band.sum() > 20:
             hu[band] = 40.0
+            painted["atelectasis"] = band
         else:
             found["atelectasis"] = 0
     heart = label == ORGANS["heart"]
@@ -411,6 +431,7 @@ def _ct_rate_findings(rng, found: dict[str, int], hu: np.ndarray, label: np.ndar
             hu[wall] = 750.0
         else:
             found["arterial wall calcification"] = 0
+    return painted
 
 
 def _erode(mask: np.ndarray) -> np.ndarray:

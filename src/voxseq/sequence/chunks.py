@@ -196,20 +196,27 @@ def window_organs(masks: np.ndarray, counts: np.ndarray, mapping: dict[str, list
     return organs_in_chunk(chunk, counts, mapping, organ_fraction, chunk_fraction)
 
 
+def box_organ(box: dict) -> str:
+    """The organ (sentence name) a lesion box belongs to: its ``organ`` when set, else its category."""
+    return box.get("organ") or box.get("category", "")
+
+
 def lesion_in_window(boxes: list[dict], organ: str, start_zyx, size_zyx, fraction: float = 0.5) -> bool:
     """Whether a window may carry ``organ``'s sentence given the volume's lesion boxes (cache grid, zyx).
 
-    An organ without boxes of its category always may. An organ with boxes has a sentence that describes its
-    lesion, which is true of a window only when the window holds at least ``fraction`` of one box's voxels:
-    a slab through the liver above its lesion does not show "a hypodense lesion".
+    An organ without boxes always may. An organ with boxes has a sentence that describes its lesions, which
+    is true of a window only when the window holds at least ``fraction`` of one box's voxels (a slab through
+    the liver above its lesion does not show "a hypodense lesion") or, for a finding bigger than the window
+    (a basal effusion), when one box fills at least ``fraction`` of the window.
     """
-    own = [b["bbox_zyx"] for b in boxes if b.get("category") == organ]
+    own = [b["bbox_zyx"] for b in boxes if box_organ(b) == organ]
     if not own:
         return True
+    window = max(1, int(np.prod(size_zyx)))
     for b in own:
         lo, hi = np.asarray(b[:3]), np.asarray(b[3:])
-        inter = np.clip(np.minimum(hi, np.add(start_zyx, size_zyx)) - np.maximum(lo, start_zyx), 0, None)
-        if np.prod(inter) >= fraction * max(1, int(np.prod(hi - lo))):
+        inter = np.prod(np.clip(np.minimum(hi, np.add(start_zyx, size_zyx)) - np.maximum(lo, start_zyx), 0, None))
+        if inter >= fraction * max(1, int(np.prod(hi - lo))) or inter >= fraction * window:
             return True
     return False
 
@@ -417,7 +424,7 @@ class ChunkTextDataset(torch.utils.data.Dataset):
         counts = self._volume_counts(v, masks)
         names = [n for n, ids in mapping.items() if counts[ids].sum() > 0] or list(mapping)
         name = focus if focus in names else names[int(rng.integers(len(names)))]
-        boxes = [b["bbox_zyx"] for b in self.source.entry(v).get("boxes") or [] if b.get("category") == name]
+        boxes = [b["bbox_zyx"] for b in self.source.entry(v).get("boxes") or [] if box_organ(b) == name]
         if boxes and self.cfg.lesion_centred:
             box = boxes[int(rng.integers(len(boxes)))]
             start = []
