@@ -51,6 +51,20 @@ def test_rerun_reuses_and_resumes_after_interruption(tmp_path, samples):
     assert len(Cache(out)) == 2
 
 
+def test_a_changed_record_is_prepared_again_and_an_unchanged_one_reused(tmp_path, samples):
+    out = tmp_path / "c"
+    prepare_cache(_records(samples), out, Preprocess(), progress=False)
+    changed = _records(samples)
+    changed[0].sentences = {"breast": "A new report sentence."}
+    changed[0].boxes = [Box("mass", [1, 1, 1, 4, 4, 4], organ="breast")]
+    s = prepare_cache(changed, out, Preprocess(), progress=False)
+    assert s.reused == 1 and s.done == 1
+    e = Cache(out).entry(0)
+    assert e["sentences"] == {"breast": "A new report sentence."}
+    assert [(b["category"], b["organ"]) for b in e["boxes"]] == [("mass", "breast")]
+    assert prepare_cache(changed, out, Preprocess(), progress=False).reused == 2  # and then kept
+
+
 def test_different_preprocess_is_refused(tmp_path, samples):
     prepare_cache(_records(samples)[:1], tmp_path / "c", Preprocess(), progress=False)
     with pytest.raises(VoxseqError, match="different preprocessing"):

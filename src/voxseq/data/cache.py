@@ -25,7 +25,9 @@ are evictable page cache), whatever the corpus size.
 
 Writing is crash-safe: every file is written under a temporary name and renamed into place, and
 ``entry.json`` goes last, so a partial volume is never taken for a finished one; re-running
-``prepare`` skips finished volumes and redoes the rest.
+``prepare`` skips finished volumes and redoes the rest. A finished volume whose record has changed since
+(its text, sentences, classes, extra fields or lesion boxes: a regenerated manifest) is prepared again, so
+that new boxes or reports are never read beside an old entry.
 
 Concurrency: ``prepare_cache`` holds an exclusive lock on ``<out_dir>/.lock`` (``filelock``, an OS file lock that
 is released when the process ends, however it ends) from before ``overwrite`` to the last index write. A second
@@ -340,7 +342,22 @@ def _finished_entry(out_dir: Path, record: Record, full: bool = False) -> tuple[
     if entry.get("id") != record.id:
         return None, []
     problems = volume_problems(path.parent, entry, full)
-    return (None, problems) if problems else (entry, [])
+    if problems:
+        return None, problems
+    return (None, []) if record_changed(entry, record) else (entry, [])
+
+
+def record_changed(entry: dict, record: Record) -> bool:
+    """Whether a finished volume's entry was written from a different version of its record's text, sentences,
+    classes, extra or lesion boxes (a regenerated manifest): the volume is then prepared again, so that a cache
+    never pairs new images or reports with old boxes or text. Compared through JSON, as the entry stores them."""
+    def norm(x: Any) -> str:
+        return json.dumps(x, sort_keys=True)
+
+    boxes = [[b.get("category"), b.get("organ")] for b in entry.get("boxes") or []]
+    return (norm([entry.get("text"), entry.get("sentences"), entry.get("classes"), entry.get("extra"), boxes])
+            != norm([record.text, record.sentences, record.classes, record.extra,
+                     [[b.category, b.organ] for b in record.boxes]]))
 
 
 def _clean_partial(out_dir: Path) -> None:
