@@ -373,7 +373,8 @@ def _ct_rate_findings(rng, found: dict[str, int], hu: np.ndarray, label: np.ndar
                       lung_z: float, heart_r: np.ndarray, aorta: np.ndarray, sizes: dict[str, Any]
                       ) -> dict[str, np.ndarray]:
     """The diffuse and large CT-RATE findings, painted into ``hu`` (labels unchanged); a finding whose organ
-    is not in view is set absent. Returns the (Z, Y, X) mask each lung finding was painted in. Emphysema: clustered low-attenuation areas (-980 HU) in the upper lungs;
+    is not in view is set absent. Returns the (Z, Y, X) mask each lung finding was painted in. Emphysema:
+    clustered low-attenuation areas (-980 HU) in the upper lungs;
     consolidation: a 25-40 mm region of one lung at 35 HU with air bronchograms; atelectasis: a dense (40 HU)
     posterior basal band of one lung; pericardial effusion: a 10-20 mm fluid shell (10 HU) round the heart;
     arterial / coronary wall calcification: bright (600-800 HU) plaques on the aortic wall / heart surface."""
