@@ -63,6 +63,10 @@ def test_a_changed_record_is_prepared_again_and_an_unchanged_one_reused(tmp_path
     assert e["sentences"] == {"breast": "A new report sentence."}
     assert [(b["category"], b["organ"]) for b in e["boxes"]] == [("mass", "breast")]
     assert prepare_cache(changed, out, Preprocess(), progress=False).reused == 2  # and then kept
+    changed[0].boxes = [Box("mass", [2, 1, 1, 5, 4, 4], organ="breast")]  # the same finding, moved
+    s = prepare_cache(changed, out, Preprocess(), progress=False)
+    assert s.reused == 1 and s.done == 1
+    assert Cache(out).entry(0)["boxes"][0]["bbox_xyz"] == [2, 1, 1, 5, 4, 4]
 
 
 def test_different_preprocess_is_refused(tmp_path, samples):

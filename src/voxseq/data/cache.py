@@ -8,7 +8,8 @@ Layout of a cache folder::
       volumes/<id>/label.npy      uint8 (Z, Y, X), when the record has a label
       volumes/<id>/regions.npy    uint32 (Z, Y, X), when the record has region masks (RadGenome): bit r is
                                   set where region entry["regions"][r] is; regions may overlap
-      volumes/<id>/entry.json     shape, spacing, geometry, intensity statistics, boxes in this grid,
+      volumes/<id>/entry.json     shape, spacing, geometry, intensity statistics, boxes in this grid (and as
+                                  the record gives them),
                                   each file's byte size and sha256; written last: its presence marks a
                                   finished volume
       index.jsonl                 all finished entries, rebuilt at the end of every `prepare`
@@ -243,6 +244,7 @@ def prepare_one(record: Record, cfg: Preprocess, out_dir: Path, nonfinite: str =
         "text": record.text,
         "sentences": record.sentences,
         "boxes": [{"category": b.category, "bbox_zyx": box_to_grid(b, source_meta, image),
+                   "bbox_xyz": [int(v) for v in b.bbox_xyz],  # as the record gives it (see record_changed)
                    **({"organ": b.organ} if b.organ else {})} for b in record.boxes],
         "has_label": label is not None,
         "extra": record.extra,
@@ -350,14 +352,15 @@ def _finished_entry(out_dir: Path, record: Record, full: bool = False) -> tuple[
 def record_changed(entry: dict, record: Record) -> bool:
     """Whether a finished volume's entry was written from a different version of its record's text, sentences,
     classes, extra or lesion boxes (a regenerated manifest): the volume is then prepared again, so that a cache
-    never pairs new images or reports with old boxes or text. Compared through JSON, as the entry stores them."""
+    never pairs new images or reports with old boxes or text. Compared through JSON, as the entry stores them; boxes
+    by category, organ and their record coordinates (an entry written before it kept those is prepared again)."""
     def norm(x: Any) -> str:
         return json.dumps(x, sort_keys=True)
 
-    boxes = [[b.get("category"), b.get("organ")] for b in entry.get("boxes") or []]
+    boxes = [[b.get("category"), b.get("organ"), b.get("bbox_xyz")] for b in entry.get("boxes") or []]
     return (norm([entry.get("text"), entry.get("sentences"), entry.get("classes"), entry.get("extra"), boxes])
             != norm([record.text, record.sentences, record.classes, record.extra,
-                     [[b.category, b.organ] for b in record.boxes]]))
+                     [[b.category, b.organ, [int(v) for v in b.bbox_xyz]] for b in record.boxes]]))
 
 
 def _clean_partial(out_dir: Path) -> None:
