@@ -67,6 +67,10 @@ def test_a_changed_record_is_prepared_again_and_an_unchanged_one_reused(tmp_path
     s = prepare_cache(changed, out, Preprocess(), progress=False)
     assert s.reused == 1 and s.done == 1
     assert Cache(out).entry(0)["boxes"][0]["bbox_xyz"] == [2, 1, 1, 5, 4, 4]
+    changed[0].boxes[0].text = "A new report sentence."  # the box now carries its words
+    s = prepare_cache(changed, out, Preprocess(), progress=False)
+    assert s.reused == 1 and s.done == 1
+    assert Cache(out).entry(0)["boxes"][0]["text"] == "A new report sentence."
 
 
 def test_different_preprocess_is_refused(tmp_path, samples):

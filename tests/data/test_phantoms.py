@@ -248,14 +248,34 @@ def test_ct_rate_lung_findings_have_region_boxes_around_what_was_painted():
     assert all(b.organ is None for b in basic.lesions)
 
 
+def test_every_box_carries_its_findings_words_from_its_organs_sentence():
+    from voxseq.sequence.chunks import box_organ
+
+    several = 0
+    for seed in range(12):
+        p = make_ct_phantom(3000 + seed, size_xy=48, max_slices=64, scan="chest", findings="ct-rate")
+        for box in p.lesions:
+            assert box.text and box.text in p.sentences[box_organ(vars(box))], (seed, box)
+        lung = [b.text for b in p.lesions if box_organ(vars(b)) == "lung"]
+        several += len(lung) > 1
+        if lung:  # every lung finding of a ct-rate phantom has a box: their words make up the lung sentence
+            assert " ".join(lung) == p.sentences["lung"], seed
+    assert several  # lungs with more than one finding are in the sample
+    # the words are the report's: basic phantoms keep their sentences, with words on their focal boxes
+    basic = make_ct_phantom(7, size_xy=48, max_slices=64)
+    assert all(b.text in basic.sentences[b.category] for b in basic.lesions)
+
+
 def test_box_organ_round_trips_through_the_manifest_and_is_left_out_when_unset():
     import json
 
     from voxseq.data.manifest import Box, Record
 
     r = Record(id="a", images={"image": "a.nii.gz"},
-               boxes=[Box("liver", [0, 0, 0, 2, 2, 2]), Box("atelectasis", [1, 1, 1, 4, 4, 4], organ="lung")])
+               boxes=[Box("liver", [0, 0, 0, 2, 2, 2]),
+                      Box("atelectasis", [1, 1, 1, 4, 4, 4], organ="lung", text="There is basal atelectasis.")])
     d = json.loads(r.to_json())
     assert d["boxes"] == [{"category": "liver", "bbox_xyz": [0, 0, 0, 2, 2, 2]},
-                          {"category": "atelectasis", "bbox_xyz": [1, 1, 1, 4, 4, 4], "organ": "lung"}]
+                          {"category": "atelectasis", "bbox_xyz": [1, 1, 1, 4, 4, 4], "organ": "lung",
+                           "text": "There is basal atelectasis."}]
     assert Record.from_dict(d).boxes == r.boxes

@@ -27,6 +27,7 @@ from voxseq.sequence import (
     sentence_key,
     sentence_labels,
     volume_chunks,
+    window_sentence,
 )
 
 P = 4
@@ -185,6 +186,43 @@ def test_an_organ_with_a_lesion_is_shown_only_by_chunks_holding_the_lesion():
     for i in range(60):
         it = anywhere[i]
         assert ("liver" in it["organs"]) == ("liver" in brute_force_organs(it["z0"], it["z1"]))
+
+
+def test_window_sentence_keeps_the_words_of_the_boxes_the_window_holds():
+    sentence = "The lungs show a 1.0 cm solid nodule. There is basal atelectasis."
+    boxes = [{"category": "lung", "text": "The lungs show a 1.0 cm solid nodule.", "bbox_zyx": [4, 4, 4, 6, 6, 6]},
+             {"category": "atelectasis", "organ": "lung", "text": "There is basal atelectasis.",
+              "bbox_zyx": [20, 0, 0, 40, 16, 16]},
+             {"category": "liver", "text": "The liver shows a lesion.", "bbox_zyx": [0, 0, 0, 2, 2, 2]}]
+    assert window_sentence(sentence, boxes, "lung", [0, 0, 0], [8, 8, 8]) == "The lungs show a 1.0 cm solid nodule."
+    assert window_sentence(sentence, boxes, "lung", [24, 0, 0], [8, 8, 8]) == "There is basal atelectasis."
+    assert window_sentence(sentence, boxes, "lung", [0, 0, 0], [32, 16, 16]) == sentence  # both held: both said
+    assert window_sentence(sentence, boxes, "lung", [50, 0, 0], [8, 8, 8]) == sentence  # neither: not emptied
+    # boxes without words, and words that are not in the sentence, leave it whole
+    bare = [{k: v for k, v in b.items() if k != "text"} for b in boxes]
+    assert window_sentence(sentence, bare, "lung", [24, 0, 0], [8, 8, 8]) == sentence
+    other = [{**boxes[0], "text": "Something else."}, boxes[1]]
+    assert window_sentence(sentence, other, "lung", [24, 0, 0], [8, 8, 8]) == sentence
+    assert window_sentence("The liver shows a lesion.", boxes, "liver", [0, 0, 0], [8, 8, 8]) == \
+        "The liver shows a lesion."
+
+
+def test_a_window_names_only_the_findings_it_holds():
+    src = organ_source(1)
+    lesion, cyst = "The liver shows a 1.0 cm lesion.", "There is a small cyst."
+    src.entries[0]["sentences"]["liver"] = f"{lesion} {cyst}"  # liver is z 14..30
+    src.entries[0]["boxes"] = [{"category": "liver", "text": lesion, "bbox_zyx": [14, 0, 0, 18, 4, 4]},
+                               {"category": "liver", "text": cyst, "bbox_zyx": [26, 0, 0, 30, 4, 4]}]
+    ds = ChunkTextDataset(src, cfg(min_slices=4, max_slices=4, text_mode="one"))
+    told = {}
+    for i in range(200):
+        it = ds[i]
+        if "liver" in it["organs"]:
+            told.setdefault(it["text"], set()).add(it["z0"])
+            first, second = (min(hi, it["z1"]) - max(lo, it["z0"]) >= 2 for lo, hi in ((14, 18), (26, 30)))
+            assert it["text"] == " ".join(t for t, held in ((lesion, first), (cyst, second)) if held)
+            assert sentence_key(it["text"]) in it["shown_keys"] and it["sentence_keys"] == [sentence_key(it["text"])]
+    assert set(told) == {lesion, cyst}  # 4-slice windows never hold both
 
 
 def test_focused_groups_show_one_organ_with_findings_from_several_volumes():

@@ -245,7 +245,8 @@ def prepare_one(record: Record, cfg: Preprocess, out_dir: Path, nonfinite: str =
         "sentences": record.sentences,
         "boxes": [{"category": b.category, "bbox_zyx": box_to_grid(b, source_meta, image),
                    "bbox_xyz": [int(v) for v in b.bbox_xyz],  # as the record gives it (see record_changed)
-                   **({"organ": b.organ} if b.organ else {})} for b in record.boxes],
+                   **({"organ": b.organ} if b.organ else {}), **({"text": b.text} if b.text else {})}
+                  for b in record.boxes],
         "has_label": label is not None,
         "extra": record.extra,
     }
@@ -353,14 +354,15 @@ def record_changed(entry: dict, record: Record) -> bool:
     """Whether a finished volume's entry was written from a different version of its record's text, sentences,
     classes, extra or lesion boxes (a regenerated manifest): the volume is then prepared again, so that a cache
     never pairs new images or reports with old boxes or text. Compared through JSON, as the entry stores them; boxes
-    by category, organ and their record coordinates (an entry written before it kept those is prepared again)."""
+    by category, organ, text and their record coordinates (an entry written before it kept those is prepared
+    again)."""
     def norm(x: Any) -> str:
         return json.dumps(x, sort_keys=True)
 
-    boxes = [[b.get("category"), b.get("organ"), b.get("bbox_xyz")] for b in entry.get("boxes") or []]
+    boxes = [[b.get("category"), b.get("organ"), b.get("text"), b.get("bbox_xyz")] for b in entry.get("boxes") or []]
     return (norm([entry.get("text"), entry.get("sentences"), entry.get("classes"), entry.get("extra"), boxes])
             != norm([record.text, record.sentences, record.classes, record.extra,
-                     [[b.category, b.organ, [int(v) for v in b.bbox_xyz]] for b in record.boxes]]))
+                     [[b.category, b.organ, b.text, [int(v) for v in b.bbox_xyz]] for b in record.boxes]]))
 
 
 def _clean_partial(out_dir: Path) -> None:

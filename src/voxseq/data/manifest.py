@@ -27,11 +27,15 @@ class Box:
     ``category`` names the kind of lesion (semantic sequences draw one category across patients);
     ``organ``, when set, is the organ sentence the finding belongs to where that is not the category
     itself (a "pleural effusion" region of the "lung"); None: the category is the organ's name.
+    ``text``, when set, is the report's words about this finding, as they stand in the organ's sentence
+    ("There is basal atelectasis."): a chunk that holds the organ but not this box is paired with the
+    organ's sentence without them (``voxseq.sequence.chunks.window_sentence``).
     """
 
     category: str
     bbox_xyz: list[int]  # [x0, y0, z0, x1, y1, z1]
     organ: str | None = None
+    text: str | None = None
 
     def center_xyz(self) -> list[float]:
         b = self.bbox_xyz
@@ -64,7 +68,7 @@ class Record:
 
     def to_json(self) -> str:
         d = asdict(self)
-        d["boxes"] = [{k: v for k, v in b.items() if k != "organ" or v is not None} for b in d["boxes"]]
+        d["boxes"] = [{k: v for k, v in b.items() if k not in ("organ", "text") or v is not None} for b in d["boxes"]]
         return json.dumps(d, sort_keys=False)
 
     @classmethod

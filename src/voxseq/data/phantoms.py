@@ -299,6 +299,9 @@ def make_ct_phantom(seed: int, size_xy: int = 128, max_slices: int = 160, scan: 
             if box is not None:
                 lesions.append(Box(finding, box, organ=FINDING_ORGANS[finding]))
     sentences = _ct_sentences(present, found, sizes)
+    clauses = _ct_clauses(found, sizes)  # each box carries its finding's words (a window without it drops them)
+    for box in lesions:
+        box.text = clauses.get(_LESION_FINDINGS.get(box.category, box.category))
 
     hu = _smooth(hu, 0.6) + rng.normal(0, 12, hu.shape).astype(np.float32)
     hu = np.clip(np.round(hu), -1024, 3071).astype(np.int16)
@@ -455,44 +458,48 @@ def _lesion_pattern_v2(category: str, hu: np.ndarray, ball: np.ndarray, dist: np
     # kidney cysts stay homogeneous water
 
 
-def _ct_sentences(present: dict[str, bool], found: dict[str, int], sizes: dict[str, Any]) -> dict[str, str]:
-    """One sentence per organ in view: the finding when there is one, 'unremarkable' otherwise."""
+def _ct_clauses(found: dict[str, int], sizes: dict[str, Any]) -> dict[str, str]:
+    """The report's words about each finding present (finding -> sentence)."""
     cm = lambda f: f"{sizes.get(f, 10) / 10:.1f} cm"  # noqa: E731
+    words = {
+        "lung nodule": lambda: f"The lungs show a {cm('lung nodule')} solid nodule.",
+        "pleural effusion": lambda: "There is a right pleural effusion.",
+        "emphysema": lambda: "There is centrilobular emphysema in the upper lobes.",
+        "consolidation": lambda: f"There is consolidation in the {sizes.get('consolidation side', 'right')} lung.",
+        "atelectasis": lambda: "There is basal atelectasis.",
+        "cardiomegaly": lambda: "The heart is enlarged.",
+        "pericardial effusion": lambda: "There is a pericardial effusion.",
+        "coronary artery wall calcification": lambda: "There is coronary artery calcification.",
+        "liver lesion": lambda: f"The liver shows a {cm('liver lesion')} hypodense lesion.",
+        "kidney cyst": lambda: f"The kidneys show a {cm('kidney cyst')} simple cyst.",
+        "arterial wall calcification": lambda: "The aorta shows wall calcification.",
+        "bone lesion": lambda: f"The spine shows a {cm('bone lesion')} lytic lesion.",
+    }
+    return {f: say() for f, say in words.items() if found.get(f)}
+
+
+# the finding a focal lesion box (category: its organ) stands for
+_LESION_FINDINGS = {"lung": "lung nodule", "liver": "liver lesion", "kidney": "kidney cyst", "bone": "bone lesion"}
+
+
+def _ct_sentences(present: dict[str, bool], found: dict[str, int], sizes: dict[str, Any]) -> dict[str, str]:
+    """One sentence per organ in view: its findings' clauses when it has some, 'unremarkable' otherwise."""
+    c = _ct_clauses(found, sizes)
+    normal = {"lung": "The lungs are clear.", "heart": "The heart is normal in size.",
+              "liver": "The liver is unremarkable.", "spleen": "The spleen is unremarkable.",
+              "kidney": "The kidneys are unremarkable.", "aorta": "The aorta is normal in calibre.",
+              "bone": "The bones are unremarkable."}
+    order = {"lung": ["lung nodule", "pleural effusion", "emphysema", "consolidation", "atelectasis"],
+             "heart": ["cardiomegaly", "pericardial effusion", "coronary artery wall calcification"],
+             "liver": ["liver lesion"], "spleen": [], "kidney": ["kidney cyst"],
+             "aorta": ["arterial wall calcification"], "bone": ["bone lesion"]}
     s: dict[str, str] = {}
-    if present["lung"]:
-        parts = []
-        if found["lung nodule"]:
-            parts.append(f"The lungs show a {cm('lung nodule')} solid nodule.")
-        if found["pleural effusion"]:
-            parts.append("There is a right pleural effusion.")
-        if found.get("emphysema"):
-            parts.append("There is centrilobular emphysema in the upper lobes.")
-        if found.get("consolidation"):
-            parts.append(f"There is consolidation in the {sizes.get('consolidation side', 'right')} lung.")
-        if found.get("atelectasis"):
-            parts.append("There is basal atelectasis.")
-        s["lung"] = " ".join(parts) or "The lungs are clear."
-    if present["heart"]:
-        parts = ["The heart is enlarged." if found["cardiomegaly"] else "The heart is normal in size."]
-        if found.get("pericardial effusion"):
-            parts.append("There is a pericardial effusion.")
-        if found.get("coronary artery wall calcification"):
-            parts.append("There is coronary artery calcification.")
-        s["heart"] = " ".join(parts)
-    if present["liver"]:
-        s["liver"] = (f"The liver shows a {cm('liver lesion')} hypodense lesion." if found["liver lesion"]
-                      else "The liver is unremarkable.")
-    if present["spleen"]:
-        s["spleen"] = "The spleen is unremarkable."
-    if present["kidney"]:
-        s["kidney"] = (f"The kidneys show a {cm('kidney cyst')} simple cyst." if found["kidney cyst"]
-                       else "The kidneys are unremarkable.")
-    if present["aorta"]:
-        s["aorta"] = ("The aorta shows wall calcification." if found.get("arterial wall calcification")
-                      else "The aorta is normal in calibre.")
-    if present["bone"]:
-        s["bone"] = (f"The spine shows a {cm('bone lesion')} lytic lesion." if found["bone lesion"]
-                     else "The bones are unremarkable.")
+    for organ, findings in order.items():
+        if present[organ]:
+            parts = [c[f] for f in findings if f in c]
+            if organ == "heart" and "cardiomegaly" not in c:  # the heart's size is always reported
+                parts.insert(0, normal["heart"])
+            s[organ] = " ".join(parts) or normal[organ]
     return s
 
 

@@ -9,6 +9,7 @@ from voxseq.sequence.chunks import (
     collate_packed,
     label_counts,
     lesion_in_window,
+    window_sentence,
     organs_in_chunk,
     pack_lengths,
     padding_waste,
@@ -36,4 +37,4 @@ __all__ = ["KINDS", "SEQUENCE_KINDS", "ArraySource", "AugmentConfig", "ChunkBatc
            "ResumableSampler", "SequenceConfig", "SequenceDataset", "VolumeSource", "chunk_batches", "collate_packed",
            "collate_sequences", "label_counts", "lesion_in_window", "measure_sampler", "organs_in_chunk", "pack_lengths",
            "padding_waste", "patch_grid_coords", "patchify", "patchify_np", "read_window", "register_sequence_kind",
-           "sentence_key", "sentence_labels", "unpatchify", "volume_chunks"]
+           "sentence_key", "sentence_labels", "unpatchify", "volume_chunks", "window_sentence"]

@@ -221,6 +221,20 @@ def lesion_in_window(boxes: list[dict], organ: str, start_zyx, size_zyx, fractio
     return False
 
 
+def window_sentence(sentence: str, boxes: list[dict], organ: str, start_zyx, size_zyx, fraction: float = 0.5) -> str:
+    """``organ``'s sentence as a window tells it: without the words (``text``) of each of the organ's boxes that
+    the window does not hold (:func:`lesion_in_window`), so a window holding the basal atelectasis of a lung that
+    also has a nodule elsewhere reads "There is basal atelectasis.", not both findings. Boxes without ``text``,
+    and words not found verbatim in the sentence, leave it as it is; so does dropping every word of it."""
+    out = sentence
+    for b in boxes:
+        words = b.get("text")
+        if words and box_organ(b) == organ and not lesion_in_window([b], organ, start_zyx, size_zyx, fraction):
+            out = out.replace(words, "")
+    out = " ".join(out.split())
+    return out or sentence
+
+
 # ---------------------------------------------------------------------------- reading chunks
 
 
@@ -390,7 +404,9 @@ class ChunkTextDataset(torch.utils.data.Dataset):
                 organs = self._organs(v, masks, mapping, [z0, *start_yx], [thickness, *size_yx])
                 if organs and (focus is None or focus in organs):
                     break
-        text, keys, organs, shown = self._text(rng, self.source.entry(v), organs, focus)
+        entry = self.source.entry(v)
+        told = self._window_sentences(entry, organs, [z0, *start_yx], [thickness, *size_yx])
+        text, keys, organs, shown = self._text(rng, entry, organs, focus, told)
         window, _ = read_window(image, [z0, *start_yx], [thickness, *size_yx], cfg.pad_value)
         tokens, pos, grid = _chunk_tokens(window, cfg.patch_size)
         return {"tokens": tokens, "pos": pos, "grid": grid, "text": text, "sentence_keys": keys,
@@ -470,11 +486,21 @@ class ChunkTextDataset(torch.utils.data.Dataset):
             return shown
         return [o for o in shown if lesion_in_window(boxes, o, start_zyx, size_zyx, cfg.lesion_fraction)]
 
-    def _text(self, rng, entry: dict, organs: list[str], focus: str | None = None
-              ) -> tuple[str, list[int], list[str], list[int]]:
-        """(text, its sentence keys, its organs, keys of every shown organ's sentence); ``focus``: the organ whose
-        sentence alone is the text when the chunk shows it."""
+    def _window_sentences(self, entry: dict, organs: list[str], start_zyx, size_zyx) -> dict[str, str]:
+        """The entry's organ sentences as a window tells them (:func:`window_sentence`), in the entry's order."""
         sentences = entry.get("sentences") or {}
+        boxes = entry.get("boxes") or []
+        if not boxes or self.cfg.lesion_fraction <= 0:
+            return sentences
+        return {name: window_sentence(text, boxes, name, start_zyx, size_zyx, self.cfg.lesion_fraction)
+                if name in organs else text for name, text in sentences.items()}
+
+    def _text(self, rng, entry: dict, organs: list[str], focus: str | None = None,
+              sentences: dict[str, str] | None = None) -> tuple[str, list[int], list[str], list[int]]:
+        """(text, its sentence keys, its organs, keys of every shown organ's sentence); ``focus``: the organ whose
+        sentence alone is the text when the chunk shows it; ``sentences``: the organ sentences as the window tells
+        them (default: the entry's)."""
+        sentences = (entry.get("sentences") or {}) if sentences is None else sentences
         if not organs:  # report-level pairing
             report = _report(entry)
             return report, [sentence_key(report)], [], [sentence_key(report)]
