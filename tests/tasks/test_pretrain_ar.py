@@ -192,3 +192,26 @@ def test_two_hu_windows_as_channels_pretrain_and_embed(tmp_path, samples):
     overlap = module.main(["--run", str(out), "--sequences", "2"])
     assert sorted(overlap) == ["slab 1", "slab 2", "slab 3"]
     assert all(v["seen_voxels"] == v["new_voxels"] > 0 and 0 < v["seen"] < 10 for v in overlap.values())
+
+
+def test_copy_check_sequences_repeat_exactly_the_tokens_marked_seen():
+    import importlib.util
+
+    import numpy as np
+
+    spec = importlib.util.spec_from_file_location("ar_copy_check", ROOT / "examples" / "ar_copy_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    tokens, pos, seen = module.copy_batch(np.random.default_rng(0), 2)
+    assert tokens.shape == (2, 128, 64) and pos.shape == (2, 128, 4) and int(seen.sum()) == 3 * 16
+    for i in range(128):
+        same = (tokens[0] == tokens[0, i]).all(-1) & (pos[0, :, 1:] == pos[0, i, 1:]).all(-1)
+        same[i] = False
+        earlier = same[:i].any()  # an earlier token of the same place and voxels: one slab back
+        assert bool(earlier) == bool(seen[i]), i
+        if seen[i]:
+            j = int(same[:i].nonzero()[0])
+            assert pos[0, j, 0] == pos[0, i, 0] - 1
+    result = module.main(["--steps", "2", "--batch", "2", "--every", "1", "--depth", "1"])
+    assert result["sequences"] == 4 and 0.5 < result["seen"] < 5 and 0.5 < result["new"] < 5
+    assert result["learned_at"] is None  # two steps cannot find the copy
