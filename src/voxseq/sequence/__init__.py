@@ -9,13 +9,13 @@ from voxseq.sequence.chunks import (
     collate_packed,
     label_counts,
     lesion_in_window,
-    window_sentence,
     organs_in_chunk,
     pack_lengths,
     padding_waste,
     sentence_key,
     sentence_labels,
     volume_chunks,
+    window_sentence,
 )
 from voxseq.sequence.patches import patch_grid_coords, patchify, patchify_np, unpatchify
 from voxseq.sequence.samplers import (
