@@ -298,8 +298,9 @@ def make_ct_phantom(seed: int, size_xy: int = 128, max_slices: int = 160, scan: 
             box = _box_of(regions[finding]) if found.get(finding) and finding in regions else None
             if box is not None:
                 lesions.append(Box(finding, box, organ=FINDING_ORGANS[finding]))
-    sentences = _ct_sentences(present, found, sizes)
-    clauses = _ct_clauses(found, sizes)  # each box carries its finding's words (a window without it drops them)
+    clauses = _ct_clauses(found, sizes)
+    sentences = _ct_sentences(present, clauses)
+    # each box carries its finding's words (a window that does not hold it drops them)
     for box in lesions:
         box.text = clauses.get(_LESION_FINDINGS.get(box.category, box.category))
 
@@ -459,32 +460,32 @@ def _lesion_pattern_v2(category: str, hu: np.ndarray, ball: np.ndarray, dist: np
 
 
 def _ct_clauses(found: dict[str, int], sizes: dict[str, Any]) -> dict[str, str]:
-    """The report's words about each finding present (finding -> sentence)."""
+    """The report's words about each finding present (finding -> sentence), in report order."""
     cm = lambda f: f"{sizes.get(f, 10) / 10:.1f} cm"  # noqa: E731
     words = {
-        "lung nodule": lambda: f"The lungs show a {cm('lung nodule')} solid nodule.",
-        "pleural effusion": lambda: "There is a right pleural effusion.",
-        "emphysema": lambda: "There is centrilobular emphysema in the upper lobes.",
-        "consolidation": lambda: f"There is consolidation in the {sizes.get('consolidation side', 'right')} lung.",
-        "atelectasis": lambda: "There is basal atelectasis.",
-        "cardiomegaly": lambda: "The heart is enlarged.",
-        "pericardial effusion": lambda: "There is a pericardial effusion.",
-        "coronary artery wall calcification": lambda: "There is coronary artery calcification.",
-        "liver lesion": lambda: f"The liver shows a {cm('liver lesion')} hypodense lesion.",
-        "kidney cyst": lambda: f"The kidneys show a {cm('kidney cyst')} simple cyst.",
-        "arterial wall calcification": lambda: "The aorta shows wall calcification.",
-        "bone lesion": lambda: f"The spine shows a {cm('bone lesion')} lytic lesion.",
+        "lung nodule": f"The lungs show a {cm('lung nodule')} solid nodule.",
+        "pleural effusion": "There is a right pleural effusion.",
+        "emphysema": "There is centrilobular emphysema in the upper lobes.",
+        "consolidation": f"There is consolidation in the {sizes.get('consolidation side', 'right')} lung.",
+        "atelectasis": "There is basal atelectasis.",
+        "cardiomegaly": "The heart is enlarged.",
+        "pericardial effusion": "There is a pericardial effusion.",
+        "coronary artery wall calcification": "There is coronary artery calcification.",
+        "liver lesion": f"The liver shows a {cm('liver lesion')} hypodense lesion.",
+        "kidney cyst": f"The kidneys show a {cm('kidney cyst')} simple cyst.",
+        "arterial wall calcification": "The aorta shows wall calcification.",
+        "bone lesion": f"The spine shows a {cm('bone lesion')} lytic lesion.",
     }
-    return {f: say() for f, say in words.items() if found.get(f)}
+    return {f: w for f, w in words.items() if found.get(f)}
 
 
 # the finding a focal lesion box (category: its organ) stands for
 _LESION_FINDINGS = {"lung": "lung nodule", "liver": "liver lesion", "kidney": "kidney cyst", "bone": "bone lesion"}
 
 
-def _ct_sentences(present: dict[str, bool], found: dict[str, int], sizes: dict[str, Any]) -> dict[str, str]:
-    """One sentence per organ in view: its findings' clauses when it has some, 'unremarkable' otherwise."""
-    c = _ct_clauses(found, sizes)
+def _ct_sentences(present: dict[str, bool], c: dict[str, str]) -> dict[str, str]:
+    """One sentence per organ in view: its findings' clauses (``_ct_clauses``) when it has some, 'unremarkable'
+    otherwise."""
     normal = {"lung": "The lungs are clear.", "heart": "The heart is normal in size.",
               "liver": "The liver is unremarkable.", "spleen": "The spleen is unremarkable.",
               "kidney": "The kidneys are unremarkable.", "aorta": "The aorta is normal in calibre.",

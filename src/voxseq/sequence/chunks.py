@@ -495,12 +495,11 @@ class ChunkTextDataset(torch.utils.data.Dataset):
         return {name: window_sentence(text, boxes, name, start_zyx, size_zyx, self.cfg.lesion_fraction)
                 if name in organs else text for name, text in sentences.items()}
 
-    def _text(self, rng, entry: dict, organs: list[str], focus: str | None = None,
-              sentences: dict[str, str] | None = None) -> tuple[str, list[int], list[str], list[int]]:
+    def _text(self, rng, entry: dict, organs: list[str], focus: str | None, sentences: dict[str, str]
+              ) -> tuple[str, list[int], list[str], list[int]]:
         """(text, its sentence keys, its organs, keys of every shown organ's sentence); ``focus``: the organ whose
         sentence alone is the text when the chunk shows it; ``sentences``: the organ sentences as the window tells
-        them (default: the entry's)."""
-        sentences = (entry.get("sentences") or {}) if sentences is None else sentences
+        them (:meth:`_window_sentences`)."""
         if not organs:  # report-level pairing
             report = _report(entry)
             return report, [sentence_key(report)], [], [sentence_key(report)]
